@@ -1,0 +1,210 @@
+//! Channel adapters: only the provider-specific part of each channel.
+//!
+//! | kind | module | inbound | outbound | signature |
+//! | --- | --- | --- | --- | --- |
+//! | sms | [`sms`] | Twilio form webhooks, status callbacks, MMS media | `Messages.json` with `MediaUrl` | `X-Twilio-Signature` (HMAC-SHA1) |
+//! | whatsapp, facebook, instagram | (next) | Meta webhooks | Graph API | `X-Hub-Signature-256` |
+//! | email | (next) | IMAP polling, raw RFC 5322 over HTTP | SMTP | Standard Webhooks |
+//! | twitter | (next) | Account Activity webhooks | X API v2 | `x-twitter-webhooks-signature` |
+//! | chat | (next) | our widget | WebSocket | session token |
+//!
+//! Adapters are split by direction because channels differ: webhook intake
+//! ([`WebhookIntake`]: handshake, verify, normalize, ack) and delivery
+//! ([`Outbound`]: send). `verify` and `normalize` are pure functions of
+//! values, so the fixtures in `fixtures/` test most of an adapter without a
+//! network; only `send` and media downloads touch it.
+
+pub mod media;
+pub mod sms;
+
+use crate::domain::DeliveryStatus;
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use std::time::Duration;
+
+/// A webhook request as it arrived: nothing in it is trusted yet.
+#[derive(Debug, Clone, Copy)]
+pub struct RawRequest<'a> {
+    /// The path as requested, e.g. `/webhooks/sms-main`.
+    pub path: &'a str,
+    /// The raw query string, without `?`.
+    pub query: &'a str,
+    /// Header lookup by lower-case name.
+    pub headers: &'a [(String, String)],
+    pub content_type: &'a str,
+    pub body: &'a [u8],
+}
+
+impl<'a> RawRequest<'a> {
+    pub fn header(&self, name: &str) -> Option<&'a str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// A request whose signature has been checked. Only an adapter's `verify`
+/// makes one, so `normalize` cannot be handed unverified bytes.
+#[derive(Debug)]
+pub struct Verified<'a> {
+    body: &'a [u8],
+    content_type: &'a str,
+}
+
+impl<'a> Verified<'a> {
+    /// For adapters' `verify` only.
+    pub(crate) fn new(req: &RawRequest<'a>) -> Verified<'a> {
+        Verified {
+            body: req.body,
+            content_type: req.content_type,
+        }
+    }
+    pub fn body(&self) -> &'a [u8] {
+        self.body
+    }
+    pub fn content_type(&self) -> &'a str {
+        self.content_type
+    }
+}
+
+/// Media a provider holds for an inbound message, to download at once.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MediaRef {
+    pub url: String,
+    pub content_type: Option<String>,
+    pub filename: Option<String>,
+}
+
+/// What SMS keywords do to a contact's consent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Consent {
+    OptOut,
+    OptIn,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct InboundMessage {
+    pub provider_id: String,
+    /// The sender's ID as the provider gave it; the gateway canonicalises it.
+    pub from: String,
+    pub contact_name: Option<String>,
+    pub text: String,
+    /// The provider's timestamp (or the receive time where it gives none).
+    pub sent_at: DateTime<Utc>,
+    pub media: Vec<MediaRef>,
+    pub consent: Option<Consent>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct StatusUpdate {
+    /// The provider's ID of our outbound message.
+    pub provider_id: String,
+    pub status: DeliveryStatus,
+    pub error: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Inbound {
+    Message(InboundMessage),
+    Status(StatusUpdate),
+}
+
+/// The answer a provider expects.
+#[derive(Debug, Clone, PartialEq)]
+pub struct WebhookAck {
+    pub status: u16,
+    pub content_type: &'static str,
+    pub body: Vec<u8>,
+}
+
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum IntakeError {
+    #[error("{0}")]
+    InvalidSignature(String),
+    #[error("{0}")]
+    Malformed(String),
+    #[error("{0}")]
+    VerifyTokenMismatch(String),
+    #[error("{0}")]
+    UnsupportedMediaType(String),
+}
+
+pub trait WebhookIntake: Send + Sync {
+    /// Answers a provider handshake (GET), or `None` when the kind has none.
+    fn handshake(&self, _query: &str) -> Option<Result<WebhookAck, IntakeError>> {
+        None
+    }
+    /// Checks the provider's signature over the raw bytes.
+    fn verify<'a>(&self, req: &RawRequest<'a>) -> Result<Verified<'a>, IntakeError>;
+    /// Turns a verified body into messages and statuses (every one in a batch).
+    fn normalize(&self, req: &Verified<'_>) -> Result<Vec<Inbound>, IntakeError>;
+    /// What to answer once everything is stored (and for a duplicate).
+    fn ack(&self) -> WebhookAck;
+}
+
+/// An attachment of an outbound message.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OutgoingAttachment {
+    pub id: String,
+    pub filename: String,
+    pub content_type: String,
+    pub size: u64,
+    /// A public, expiring link to it, for providers that fetch media by URL.
+    pub public_url: String,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct OutgoingMessage {
+    /// Our message ID.
+    pub id: String,
+    /// The contact's digital ID.
+    pub to: String,
+    pub text: String,
+    pub attachments: Vec<OutgoingAttachment>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct SendReceipt {
+    pub provider_id: String,
+}
+
+/// A failed send, classified by what to do next.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("{message}")]
+pub struct DeliveryError {
+    pub message: String,
+    /// The provider's error code, when it gave one.
+    pub code: Option<String>,
+    pub retryable: bool,
+    /// The provider said when to come back (`Retry-After`).
+    pub retry_after: Option<Duration>,
+    /// The channel's credentials were refused: the channel needs re-authorisation.
+    pub needs_reauth: bool,
+}
+
+impl DeliveryError {
+    pub fn retryable(message: impl Into<String>) -> DeliveryError {
+        DeliveryError {
+            message: message.into(),
+            code: None,
+            retryable: true,
+            retry_after: None,
+            needs_reauth: false,
+        }
+    }
+    pub fn permanent(message: impl Into<String>) -> DeliveryError {
+        DeliveryError {
+            retryable: false,
+            ..DeliveryError::retryable(message)
+        }
+    }
+    pub fn is_retryable(&self) -> bool {
+        self.retryable
+    }
+}
+
+#[async_trait]
+pub trait Outbound: Send + Sync {
+    async fn send(&self, msg: &OutgoingMessage) -> Result<SendReceipt, DeliveryError>;
+}

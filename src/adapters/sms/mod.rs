@@ -1,0 +1,2 @@
+//! SMS over Twilio Programmable Messaging (being written).
+pub mod segments;

@@ -1,0 +1,232 @@
+//! Checked identifiers: each has one constructor that proves it is well formed,
+//! so code past the edge never re-validates (parse, don't validate).
+
+use serde::{Deserialize, Serialize};
+use std::fmt;
+
+/// The kind of a channel. The declaration order is the order PRODUCT.md gives
+/// for sorting interactions by channel, so `Ord` sorts them that way.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ChannelKind {
+    Chat,
+    Email,
+    Facebook,
+    Instagram,
+    Sms,
+    Twitter,
+    Whatsapp,
+}
+
+impl ChannelKind {
+    pub const ALL: [ChannelKind; 7] = [
+        ChannelKind::Chat,
+        ChannelKind::Email,
+        ChannelKind::Facebook,
+        ChannelKind::Instagram,
+        ChannelKind::Sms,
+        ChannelKind::Twitter,
+        ChannelKind::Whatsapp,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ChannelKind::Chat => "chat",
+            ChannelKind::Email => "email",
+            ChannelKind::Facebook => "facebook",
+            ChannelKind::Instagram => "instagram",
+            ChannelKind::Sms => "sms",
+            ChannelKind::Twitter => "twitter",
+            ChannelKind::Whatsapp => "whatsapp",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<ChannelKind> {
+        ChannelKind::ALL.into_iter().find(|k| k.as_str() == s)
+    }
+
+    /// Whether a digital ID of this kind is scoped to one channel (a page,
+    /// an account, a widget) rather than global to the kind.
+    pub fn ids_scoped_to_channel(self) -> bool {
+        matches!(
+            self,
+            ChannelKind::Facebook | ChannelKind::Instagram | ChannelKind::Chat
+        )
+    }
+}
+
+impl fmt::Display for ChannelKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A phone number in E.164 form (`+15551234567`), parsed with the
+/// `phonenumber` crate (a port of Google's libphonenumber), so that
+/// `+1 (555) 123-4567` and `+15551234567` are the same contact.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct PhoneNumber(String);
+
+#[derive(Debug, thiserror::Error, PartialEq)]
+#[error("not a valid phone number in international form: {0}")]
+pub struct InvalidPhoneNumber(pub String);
+
+impl PhoneNumber {
+    pub fn parse(raw: &str) -> Result<PhoneNumber, InvalidPhoneNumber> {
+        let trimmed = raw.trim();
+        if !trimmed.starts_with('+') {
+            return Err(InvalidPhoneNumber(raw.to_string()));
+        }
+        let parsed =
+            phonenumber::parse(None, trimmed).map_err(|_| InvalidPhoneNumber(raw.to_string()))?;
+        if !phonenumber::is_valid(&parsed) {
+            return Err(InvalidPhoneNumber(raw.to_string()));
+        }
+        Ok(PhoneNumber(
+            parsed.format().mode(phonenumber::Mode::E164).to_string(),
+        ))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl TryFrom<String> for PhoneNumber {
+    type Error = InvalidPhoneNumber;
+    fn try_from(s: String) -> Result<Self, Self::Error> {
+        PhoneNumber::parse(&s)
+    }
+}
+
+impl From<PhoneNumber> for String {
+    fn from(p: PhoneNumber) -> String {
+        p.0
+    }
+}
+
+impl fmt::Display for PhoneNumber {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// An email address, compared case-insensitively as a whole (PRODUCT.md).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct EmailAddress(String);
+
+#[derive(Debug, thiserror::Error, PartialEq)]
+#[error("not a valid email address: {0}")]
+pub struct InvalidEmail(pub String);
+
+impl EmailAddress {
+    pub fn parse(raw: &str) -> Result<EmailAddress, InvalidEmail> {
+        let s = raw.trim();
+        let (local, domain) = s.rsplit_once('@').ok_or_else(|| InvalidEmail(raw.into()))?;
+        if local.is_empty()
+            || domain.is_empty()
+            || !domain.contains('.')
+            || s.chars().any(|c| c.is_whitespace() || c == '<' || c == '>')
+        {
+            return Err(InvalidEmail(raw.into()));
+        }
+        Ok(EmailAddress(s.to_lowercase()))
+    }
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// A contact's digital ID on a channel kind, in the canonical form the
+/// contact is keyed by.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct DigitalId(String);
+
+impl DigitalId {
+    /// Canonicalises a raw ID for a kind: E.164 for SMS, lower case for
+    /// email, the provider's opaque ID otherwise.
+    pub fn parse(kind: ChannelKind, raw: &str) -> Result<DigitalId, String> {
+        let raw = raw.trim();
+        if raw.is_empty() {
+            return Err("empty digital ID".into());
+        }
+        match kind {
+            ChannelKind::Sms => PhoneNumber::parse(raw)
+                .map(|p| DigitalId(p.0))
+                .map_err(|e| e.to_string()),
+            ChannelKind::Email => EmailAddress::parse(raw)
+                .map(|e| DigitalId(e.0))
+                .map_err(|e| e.to_string()),
+            ChannelKind::Twitter => {
+                if raw.chars().all(|c| c.is_ascii_digit()) {
+                    Ok(DigitalId(raw.into()))
+                } else {
+                    Err(format!("X user IDs are numeric: {raw}"))
+                }
+            }
+            _ => {
+                if raw.len() > 256 || raw.chars().any(|c| c.is_control()) {
+                    Err(format!("not a valid ID: {raw}"))
+                } else {
+                    Ok(DigitalId(raw.into()))
+                }
+            }
+        }
+    }
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for DigitalId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// A new random identifier (for messages, attachments, contacts).
+pub fn new_id() -> String {
+    uuid::Uuid::new_v4().simple().to_string()
+}
+
+/// An unguessable secret token: 256 bits, URL-safe.
+pub fn new_secret() -> String {
+    use base64::Engine;
+    let bytes: [u8; 32] = rand::random();
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn phone_numbers_are_normalised_to_e164() {
+        assert_eq!(
+            PhoneNumber::parse("+1 (415) 867-5309").unwrap().as_str(),
+            "+14158675309"
+        );
+        assert!(PhoneNumber::parse("4158675309").is_err());
+        assert!(PhoneNumber::parse("+1 123").is_err());
+    }
+
+    #[test]
+    fn emails_compare_case_insensitively() {
+        assert_eq!(
+            DigitalId::parse(ChannelKind::Email, "Kerry@Example.COM").unwrap(),
+            DigitalId::parse(ChannelKind::Email, "kerry@example.com").unwrap()
+        );
+        assert!(EmailAddress::parse("no-at-sign").is_err());
+    }
+
+    #[test]
+    fn channel_kinds_sort_in_product_order() {
+        let mut kinds = vec![ChannelKind::Whatsapp, ChannelKind::Chat, ChannelKind::Sms];
+        kinds.sort();
+        assert_eq!(
+            kinds,
+            vec![ChannelKind::Chat, ChannelKind::Sms, ChannelKind::Whatsapp]
+        );
+    }
+}

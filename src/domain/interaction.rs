@@ -1,0 +1,583 @@
+//! The interaction ("case") and its state machine, written once.
+//!
+//! Every rule of PRODUCT.md about statuses, assignment, reply, resolve, end,
+//! transfer and delivery status lives here as a method that changes the
+//! interaction in memory and returns the events it caused. Stores persist the
+//! result with a version check; no backend re-implements a rule.
+
+use super::ids::ChannelKind;
+use chrono::{DateTime, Duration, Utc};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Status {
+    New,
+    Open,
+    Resolved,
+}
+
+impl Status {
+    pub fn parse(s: &str) -> Option<Status> {
+        match s {
+            "new" => Some(Status::New),
+            "open" => Some(Status::Open),
+            "resolved" => Some(Status::Resolved),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Direction {
+    Inbound,
+    Outbound,
+}
+
+/// Delivery status of a message. Outbound: `queued < sent < delivered < read`,
+/// with `failed` possible after anything but `read`, and nothing after
+/// `failed`. Inbound messages are `received`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DeliveryStatus {
+    Received,
+    Queued,
+    Sent,
+    Delivered,
+    Read,
+    Failed,
+}
+
+impl DeliveryStatus {
+    fn rank(self) -> u8 {
+        match self {
+            DeliveryStatus::Received => 0,
+            DeliveryStatus::Queued => 1,
+            DeliveryStatus::Sent => 2,
+            DeliveryStatus::Delivered => 3,
+            DeliveryStatus::Read => 4,
+            DeliveryStatus::Failed => 5,
+        }
+    }
+
+    /// Whether a message in status `self` may move to `next`.
+    pub fn may_become(self, next: DeliveryStatus) -> bool {
+        use DeliveryStatus::*;
+        match (self, next) {
+            (Received, _) | (_, Received) => false,
+            (Failed, _) => false,
+            (Read, Failed) => false,
+            (_, Failed) => true,
+            (a, b) => b.rank() > a.rank(),
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DeliveryStatus::Received => "received",
+            DeliveryStatus::Queued => "queued",
+            DeliveryStatus::Sent => "sent",
+            DeliveryStatus::Delivered => "delivered",
+            DeliveryStatus::Read => "read",
+            DeliveryStatus::Failed => "failed",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Attachment {
+    pub id: String,
+    pub filename: String,
+    pub content_type: String,
+    pub size: u64,
+    /// `stored`, or `failed` when the download from the provider failed
+    /// (the agent sees it rather than a silently missing file).
+    #[serde(default = "stored")]
+    pub state: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// Where the provider serves it, kept so a failed download can be retried.
+    #[serde(default, skip_serializing)]
+    pub source_url: Option<String>,
+}
+
+fn stored() -> String {
+    "stored".into()
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Message {
+    pub id: String,
+    pub direction: Direction,
+    pub text: String,
+    #[serde(default)]
+    pub attachments: Vec<Attachment>,
+    /// For inbound, the provider's timestamp when known; for outbound, when
+    /// the agent sent it.
+    pub sent_at: DateTime<Utc>,
+    pub status: DeliveryStatus,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// The provider's ID for this message (MessageSid, wamid, ...).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub provider_id: Option<String>,
+    /// The agent who wrote an outbound message.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub author: Option<String>,
+    /// SMS only: `{"encoding", "segments"}` of an outbound text.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sms: Option<serde_json::Value>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct Disposition {
+    pub related_name: Option<String>,
+    pub related_case: Option<String>,
+    pub ended_by: String,
+    pub ended_at: DateTime<Utc>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Interaction {
+    pub case_number: u64,
+    /// Bumped on every stored change; stores refuse a write whose version is stale.
+    pub version: u64,
+    pub channel_id: String,
+    pub channel_kind: ChannelKind,
+    pub digital_id: String,
+    pub contact_id: String,
+    pub contact_name: Option<String>,
+    pub status: Status,
+    pub queue: String,
+    pub in_queue: bool,
+    pub priority: i64,
+    pub tags: Vec<String>,
+    /// When the gateway received the latest customer message.
+    pub received_at: DateTime<Utc>,
+    /// The provider's timestamp of the latest customer message (the window runs from it).
+    pub last_customer_at: Option<DateTime<Utc>>,
+    pub created_at: DateTime<Utc>,
+    pub assigned_to: Option<String>,
+    /// When each agent last opened (was assigned) the interaction; drives unread.
+    pub opened_by: BTreeMap<String, DateTime<Utc>>,
+    pub transfer_count: u32,
+    pub master_contact_id: String,
+    pub related_name: Option<String>,
+    pub related_case: Option<String>,
+    pub ended_at: Option<DateTime<Utc>>,
+    pub disposition: Option<Disposition>,
+    pub subject: Option<String>,
+    pub messages: Vec<Message>,
+}
+
+/// What an event says happened, before the store gives it an ID.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EventDraft {
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub at: DateTime<Utc>,
+    pub case_number: u64,
+    pub channel: serde_json::Value,
+    pub data: serde_json::Value,
+}
+
+/// Why a requested change is refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Refusal {
+    #[error("the interaction is not assigned to you")]
+    NotAssigned,
+    #[error("the interaction is assigned to {0}")]
+    AlreadyAssigned(String),
+    #[error("{0}")]
+    InvalidTransition(String),
+    #[error("{0}")]
+    NotPermitted(String),
+    #[error("{0}")]
+    InvalidQueue(String),
+}
+
+/// Who is acting: an agent, or a machine client (routing engine).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Actor {
+    Agent(String),
+    Service(String),
+}
+
+impl Actor {
+    pub fn id(&self) -> &str {
+        match self {
+            Actor::Agent(a) | Actor::Service(a) => a,
+        }
+    }
+}
+
+pub struct NewInteraction {
+    pub case_number: u64,
+    pub channel_id: String,
+    pub channel_kind: ChannelKind,
+    pub digital_id: String,
+    pub contact_id: String,
+    pub contact_name: Option<String>,
+    pub queue: String,
+    pub now: DateTime<Utc>,
+}
+
+impl Interaction {
+    pub fn new(n: NewInteraction) -> Interaction {
+        Interaction {
+            case_number: n.case_number,
+            version: 0,
+            channel_id: n.channel_id,
+            channel_kind: n.channel_kind,
+            digital_id: n.digital_id,
+            contact_id: n.contact_id.clone(),
+            contact_name: n.contact_name,
+            status: Status::New,
+            queue: n.queue,
+            in_queue: true,
+            priority: 0,
+            tags: vec![],
+            received_at: n.now,
+            last_customer_at: None,
+            created_at: n.now,
+            assigned_to: None,
+            opened_by: BTreeMap::new(),
+            transfer_count: 0,
+            master_contact_id: n.contact_id,
+            related_name: None,
+            related_case: None,
+            ended_at: None,
+            disposition: None,
+            subject: None,
+            messages: vec![],
+        }
+    }
+
+    fn event(&self, kind: &str, at: DateTime<Utc>, data: serde_json::Value) -> EventDraft {
+        EventDraft {
+            kind: kind.into(),
+            at,
+            case_number: self.case_number,
+            channel: serde_json::json!({"id": self.channel_id, "kind": self.channel_kind}),
+            data,
+        }
+    }
+
+    /// Whether a message from this contact should start a new interaction
+    /// rather than join this one: it was ended longer ago than the limit.
+    pub fn is_closed_for_new_messages(&self, now: DateTime<Utc>, after: Duration) -> bool {
+        matches!(self.ended_at, Some(ended) if now - ended > after)
+    }
+
+    /// A customer message arrives (rules 1 and 4, and End's "writes again").
+    /// `created` says the interaction was made for this message.
+    pub fn receive(&mut self, msg: Message, now: DateTime<Utc>, created: bool) -> Vec<EventDraft> {
+        let mut events = vec![];
+        if created {
+            events.push(self.event(
+                "interaction.created",
+                now,
+                serde_json::json!({"queue": self.queue, "digital_id": self.digital_id,
+                    "contact": {"id": self.contact_id, "name": self.contact_name}}),
+            ));
+        }
+        let reopened = match self.status {
+            Status::Resolved => true,
+            // An ended interaction that the customer writes to again re-enters
+            // the queue as Open, whatever its status was (PRODUCT.md, End).
+            _ => self.ended_at.is_some(),
+        };
+        if reopened {
+            self.status = Status::Open;
+            events.push(self.event(
+                "interaction.reopened",
+                now,
+                serde_json::json!({"queue": self.queue}),
+            ));
+        }
+        if self.ended_at.is_some() {
+            self.ended_at = None;
+            self.assigned_to = None;
+        }
+        self.in_queue = true;
+        self.received_at = now;
+        self.last_customer_at = Some(msg.sent_at);
+        events.push(self.event("message.received", now, serde_json::json!({"message": msg})));
+        self.messages.push(msg);
+        events
+    }
+
+    /// An agent takes the interaction, or a service gives it to an agent.
+    pub fn assign(
+        &mut self,
+        actor: &Actor,
+        agent: &str,
+        now: DateTime<Utc>,
+    ) -> Result<Vec<EventDraft>, Refusal> {
+        if let (Actor::Agent(_), Some(holder)) = (actor, &self.assigned_to) {
+            if holder != agent {
+                return Err(Refusal::AlreadyAssigned(holder.clone()));
+            }
+        }
+        let changed = self.assigned_to.as_deref() != Some(agent);
+        self.assigned_to = Some(agent.to_string());
+        self.opened_by.insert(agent.to_string(), now);
+        if changed {
+            Ok(vec![self.event(
+                "interaction.assigned",
+                now,
+                serde_json::json!({"agent": agent}),
+            )])
+        } else {
+            Ok(vec![])
+        }
+    }
+
+    fn require_holder(&self, actor: &Actor) -> Result<(), Refusal> {
+        match actor {
+            Actor::Service(_) => Ok(()),
+            Actor::Agent(a) if self.assigned_to.as_deref() == Some(a.as_str()) => Ok(()),
+            Actor::Agent(_) => Err(Refusal::NotAssigned),
+        }
+    }
+
+    /// The assigned agent sends a reply (rule 3). The message starts `queued`.
+    pub fn reply(
+        &mut self,
+        actor: &Actor,
+        msg: Message,
+        now: DateTime<Utc>,
+    ) -> Result<Vec<EventDraft>, Refusal> {
+        self.require_holder(actor)?;
+        let mut events = vec![];
+        self.messages.push(msg.clone());
+        if self.status != Status::Resolved || self.in_queue {
+            self.status = Status::Resolved;
+            self.in_queue = false;
+            events.push(self.event(
+                "interaction.resolved",
+                now,
+                serde_json::json!({"by": actor.id(), "message": msg}),
+            ));
+        }
+        Ok(events)
+    }
+
+    /// Set as resolved without sending anything (rule 5).
+    pub fn resolve(
+        &mut self,
+        actor: &Actor,
+        now: DateTime<Utc>,
+    ) -> Result<Vec<EventDraft>, Refusal> {
+        self.require_holder(actor)?;
+        if self.status == Status::Resolved && !self.in_queue {
+            return Err(Refusal::InvalidTransition(
+                "the interaction is already resolved".into(),
+            ));
+        }
+        self.status = Status::Resolved;
+        self.in_queue = false;
+        Ok(vec![self.event(
+            "interaction.resolved",
+            now,
+            serde_json::json!({"by": actor.id()}),
+        )])
+    }
+
+    /// End with a disposition (rule 6): unassigns and leaves the queue; status stays.
+    pub fn end(
+        &mut self,
+        actor: &Actor,
+        related_name: Option<String>,
+        related_case: Option<String>,
+        now: DateTime<Utc>,
+    ) -> Result<Vec<EventDraft>, Refusal> {
+        self.require_holder(actor)?;
+        if self.ended_at.is_some() {
+            return Err(Refusal::InvalidTransition(
+                "the interaction is already ended".into(),
+            ));
+        }
+        if related_name.is_some() {
+            self.related_name = related_name.clone();
+        }
+        if related_case.is_some() {
+            self.related_case = related_case.clone();
+        }
+        self.assigned_to = None;
+        self.in_queue = false;
+        self.ended_at = Some(now);
+        self.disposition = Some(Disposition {
+            related_name: self.related_name.clone(),
+            related_case: self.related_case.clone(),
+            ended_by: actor.id().to_string(),
+            ended_at: now,
+        });
+        Ok(vec![self.event(
+            "interaction.ended",
+            now,
+            serde_json::json!({"by": actor.id(), "disposition": self.disposition}),
+        )])
+    }
+
+    /// Transfer to another digital queue (rule 7). `target_members` are the
+    /// agents of the target queue. A new master contact ID is minted from
+    /// the 3rd transfer on.
+    pub fn transfer(
+        &mut self,
+        actor: &Actor,
+        target: &str,
+        target_members: &[String],
+        now: DateTime<Utc>,
+        new_master_id: impl FnOnce() -> String,
+    ) -> Result<Vec<EventDraft>, Refusal> {
+        self.require_holder(actor)?;
+        if target == self.queue {
+            return Err(Refusal::InvalidTransition(format!(
+                "the interaction is already in queue {target}"
+            )));
+        }
+        let mut events = vec![];
+        if self.status == Status::Resolved {
+            self.status = Status::Open;
+            events.push(self.event(
+                "interaction.reopened",
+                now,
+                serde_json::json!({"queue": self.queue}),
+            ));
+        }
+        let from = std::mem::replace(&mut self.queue, target.to_string());
+        self.transfer_count += 1;
+        if self.transfer_count >= 3 {
+            self.master_contact_id = new_master_id();
+        }
+        self.in_queue = true;
+        self.ended_at = None;
+        self.assigned_to = match actor {
+            Actor::Agent(a) if target_members.len() == 1 && target_members[0] == *a => {
+                Some(a.clone())
+            }
+            _ => None,
+        };
+        events.push(self.event(
+            "interaction.transferred",
+            now,
+            serde_json::json!({"from": from, "to": target, "by": actor.id(),
+                "assigned_to": self.assigned_to, "transfer_count": self.transfer_count,
+                "master_contact_id": self.master_contact_id}),
+        ));
+        Ok(events)
+    }
+
+    /// A delivery status for one of our messages. Returns no events when the
+    /// status would move backwards (providers report out of order).
+    pub fn apply_delivery(
+        &mut self,
+        message_id: &str,
+        status: DeliveryStatus,
+        provider_id: Option<String>,
+        error: Option<String>,
+        now: DateTime<Utc>,
+    ) -> Vec<EventDraft> {
+        let Some(idx) = self.messages.iter().position(|m| m.id == message_id) else {
+            return vec![];
+        };
+        let current = self.messages[idx].status;
+        if !current.may_become(status) {
+            return vec![];
+        }
+        let msg = &mut self.messages[idx];
+        msg.status = status;
+        if provider_id.is_some() {
+            msg.provider_id = provider_id;
+        }
+        if error.is_some() {
+            msg.error = error;
+        }
+        let snapshot = msg.clone();
+        let kind = if current == DeliveryStatus::Queued && status == DeliveryStatus::Sent {
+            "message.sent"
+        } else {
+            "message.status"
+        };
+        let mut events = vec![self.event(
+            kind,
+            now,
+            serde_json::json!({"message_id": snapshot.id, "status": status, "provider_id": snapshot.provider_id, "error": snapshot.error}),
+        )];
+        if status == DeliveryStatus::Failed {
+            // The customer must not be left unanswered: back on the queue, still assigned.
+            let was = self.status;
+            self.status = Status::Open;
+            self.in_queue = true;
+            if was == Status::Resolved {
+                events.push(self.event(
+                    "interaction.reopened",
+                    now,
+                    serde_json::json!({"queue": self.queue, "reason": "delivery_failed"}),
+                ));
+            }
+        }
+        events
+    }
+
+    /// Unread for an agent: a customer message arrived after they last opened it.
+    pub fn unread_for(&self, agent: &str) -> bool {
+        let last_inbound = self
+            .messages
+            .iter()
+            .rev()
+            .find(|m| m.direction == Direction::Inbound);
+        match (last_inbound, self.opened_by.get(agent)) {
+            (None, _) => false,
+            (Some(_), None) => true,
+            (Some(_), Some(opened)) => self.received_at > *opened,
+        }
+    }
+
+    pub fn message_by_provider_id(&self, provider_id: &str) -> Option<&Message> {
+        self.messages
+            .iter()
+            .find(|m| m.provider_id.as_deref() == Some(provider_id))
+    }
+
+    /// The interaction as the API shows it to `viewer` (unread is per agent).
+    pub fn to_api(
+        &self,
+        viewer: Option<&str>,
+        window: Option<serde_json::Value>,
+    ) -> serde_json::Value {
+        let mut v = serde_json::json!({
+            "case_number": self.case_number,
+            "channel": {"id": self.channel_id, "kind": self.channel_kind},
+            "digital_id": self.digital_id,
+            "contact": {"id": self.contact_id, "name": self.contact_name},
+            "status": self.status,
+            "queue": self.queue,
+            "in_queue": self.in_queue,
+            "priority": self.priority,
+            "tags": self.tags,
+            "received_at": self.received_at,
+            "created_at": self.created_at,
+            "assigned_to": self.assigned_to,
+            "unread": viewer.map(|a| self.unread_for(a)).unwrap_or(false),
+            "transfer_count": self.transfer_count,
+            "master_contact_id": self.master_contact_id,
+            "related_name": self.related_name,
+            "related_case": self.related_case,
+            "ended_at": self.ended_at,
+            "disposition": self.disposition,
+            "messages": self.messages,
+            "version": self.version,
+        });
+        if let Some(subject) = &self.subject {
+            v["subject"] = serde_json::json!(subject);
+        }
+        if let Some(w) = window {
+            v["window"] = w;
+        }
+        v
+    }
+}

@@ -1,0 +1,1224 @@
+//! The gateway service: every use case, written once over the store port.
+//!
+//! Webhook intake, agent actions and delivery results all follow one
+//! pattern: load the records, run the domain rule, commit with a version
+//! check, and on a conflict (another request or another process got there
+//! first) load again and retry. Dedupe is a claim inside the same commit, so
+//! a provider message is stored once however often it arrives.
+
+use crate::adapters::{
+    media, Consent, DeliveryError, Inbound, InboundMessage, IntakeError, Outbound, RawRequest,
+    StatusUpdate, WebhookAck, WebhookIntake,
+};
+use crate::config::{ChannelConfig, QueueKind, Settings};
+use crate::domain::{
+    contact_key, new_id, Actor, Attachment, ChannelKind, Contact, DeliveryStatus, DigitalId,
+    Direction, Event, Interaction, Message, NewInteraction, Refusal, Status,
+};
+use crate::manifest::{self, Manifest, MAX_ATTACHMENT_BYTES};
+use crate::metrics::Metrics;
+use crate::store::{Claim, Commit, DynStore, OutboxJob, StoreError};
+use chrono::{DateTime, Duration, Utc};
+use std::collections::HashMap;
+use std::sync::Arc;
+use tokio::sync::Notify;
+
+/// Errors of the service, mapped to problem+json at the HTTP edge.
+#[derive(Debug, thiserror::Error)]
+pub enum GatewayError {
+    #[error("{0}")]
+    NotFound(String),
+    #[error("no channel {0}")]
+    UnknownChannel(String),
+    #[error("no queue {0}")]
+    UnknownQueue(String),
+    #[error(transparent)]
+    Refused(#[from] Refusal),
+    #[error("{0}")]
+    Intake(#[from] IntakeError),
+    #[error("{field}: {message}")]
+    Validation { field: String, message: String },
+    #[error("{0}")]
+    AttachmentTooLarge(String),
+    #[error("{0}")]
+    UnsupportedMediaType(String),
+    #[error("{0}")]
+    WindowClosed(String),
+    #[error("{0}")]
+    OptedOut(String),
+    #[error("{0}")]
+    Store(#[from] StoreError),
+}
+
+pub type GResult<T> = Result<T, GatewayError>;
+
+fn validation(field: &str, message: impl Into<String>) -> GatewayError {
+    GatewayError::Validation {
+        field: field.into(),
+        message: message.into(),
+    }
+}
+
+/// A configured channel with its adapter.
+pub struct ChannelRuntime {
+    pub config: ChannelConfig,
+    pub manifest: &'static Manifest,
+    pub intake: Arc<dyn WebhookIntake>,
+    pub outbound: Arc<dyn Outbound>,
+    pub media: media::MediaClient,
+}
+
+/// A file an agent attaches to a reply or an outbound message.
+#[derive(Debug, Clone)]
+pub struct Upload {
+    pub filename: String,
+    pub content_type: String,
+    pub bytes: Vec<u8>,
+}
+
+/// The outcome of one webhook.
+pub struct IngestOutcome {
+    pub ack: WebhookAck,
+    pub stored: usize,
+    pub duplicates: usize,
+}
+
+pub struct Gateway {
+    pub settings: Arc<Settings>,
+    pub store: DynStore,
+    pub channels: HashMap<String, Arc<ChannelRuntime>>,
+    pub metrics: Metrics,
+    /// Wakes the outbox worker when a reply is queued.
+    pub outbox_wake: Notify,
+    /// Signs expiring public links to attachments (shared by every process through the store).
+    pub media_secret: Vec<u8>,
+}
+
+const MAX_RETRIES: usize = 32;
+
+impl Gateway {
+    pub fn channel(&self, id: &str) -> GResult<&Arc<ChannelRuntime>> {
+        self.channels
+            .get(id)
+            .ok_or_else(|| GatewayError::UnknownChannel(id.to_string()))
+    }
+
+    fn new_interaction_after(&self) -> Duration {
+        Duration::hours(self.settings.server.new_interaction_after_hours as i64)
+    }
+
+    // ----- intake -------------------------------------------------------
+
+    /// Verifies, normalizes and durably stores one webhook. Answers only
+    /// once everything it carried is stored.
+    pub async fn ingest(&self, channel_id: &str, req: &RawRequest<'_>) -> GResult<IngestOutcome> {
+        let ch = self.channel(channel_id)?.clone();
+        let kind = ch.config.kind;
+        self.metrics.webhook_received(kind);
+        let verified = match ch.intake.verify(req) {
+            Ok(v) => v,
+            Err(e) => {
+                self.metrics.webhook_rejected(kind, "signature");
+                return Err(e.into());
+            }
+        };
+        let items = match ch.intake.normalize(&verified) {
+            Ok(items) => items,
+            Err(e) => {
+                self.metrics.webhook_rejected(kind, "malformed");
+                return Err(e.into());
+            }
+        };
+        // Canonicalise every sender before storing anything, so a bad item
+        // refuses the whole webhook and nothing is stored half-way.
+        let mut prepared = Vec::with_capacity(items.len());
+        for item in items {
+            match item {
+                Inbound::Message(m) => {
+                    let id = DigitalId::parse(kind, &m.from).map_err(|e| {
+                        self.metrics.webhook_rejected(kind, "malformed");
+                        IntakeError::Malformed(format!("sender: {e}"))
+                    })?;
+                    prepared.push((Some(id), Inbound::Message(m)));
+                }
+                other => prepared.push((None, other)),
+            }
+        }
+        let mut outcome = IngestOutcome {
+            ack: ch.intake.ack(),
+            stored: 0,
+            duplicates: 0,
+        };
+        for (id, item) in prepared {
+            let fresh = match (item, id) {
+                (Inbound::Message(m), Some(id)) => self.receive_message(&ch, id, m).await?,
+                (Inbound::Status(s), _) => self.receive_status(&ch, s).await?,
+                (Inbound::Message(_), None) => unreachable!("messages are prepared with an id"),
+            };
+            if fresh {
+                outcome.stored += 1;
+            } else {
+                outcome.duplicates += 1;
+                self.metrics.webhook_deduplicated(kind);
+            }
+        }
+        Ok(outcome)
+    }
+
+    async fn download_media(&self, ch: &ChannelRuntime, m: &InboundMessage) -> Vec<Attachment> {
+        let mut out = vec![];
+        for (n, media) in m.media.iter().enumerate() {
+            let id = new_id();
+            let fallback_name = format!("attachment-{}", n + 1);
+            match ch.media.fetch(media).await {
+                Ok(file) => {
+                    let filename = media
+                        .filename
+                        .clone()
+                        .unwrap_or_else(|| media::filename_for(&fallback_name, &file.content_type));
+                    match self.store.put_blob(&id, &file.bytes).await {
+                        Ok(()) => out.push(Attachment {
+                            id,
+                            filename,
+                            content_type: file.content_type,
+                            size: file.bytes.len() as u64,
+                            state: "stored".into(),
+                            error: None,
+                            source_url: Some(media.url.clone()),
+                        }),
+                        Err(e) => {
+                            out.push(failed_attachment(id, fallback_name, media, e.to_string()))
+                        }
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(channel = %ch.config.id, error = %e, "media download failed");
+                    out.push(failed_attachment(id, fallback_name, media, e.to_string()));
+                }
+            }
+        }
+        out
+    }
+
+    /// Stores one customer message; false when it was a duplicate.
+    async fn receive_message(
+        &self,
+        ch: &ChannelRuntime,
+        digital_id: DigitalId,
+        m: InboundMessage,
+    ) -> GResult<bool> {
+        let channel_id = &ch.config.id;
+        let kind = ch.config.kind;
+        let claim_key = format!("msg:{channel_id}:{}", m.provider_id);
+        // Fast path for a provider's retry: no media download, no write.
+        if self.store.lookup(&claim_key).await?.is_some() {
+            return Ok(false);
+        }
+        let attachments = self.download_media(ch, &m).await;
+        let key = contact_key(kind, channel_id, digital_id.as_str());
+        let message_id = new_id();
+        for _ in 0..MAX_RETRIES {
+            let now = Utc::now();
+            let mut contact = match self.store.contact(&key).await? {
+                Some(c) => c,
+                None => Contact {
+                    id: new_id(),
+                    key: key.clone(),
+                    version: 0,
+                    channel_kind: kind,
+                    digital_id: digital_id.to_string(),
+                    name: None,
+                    aliases: vec![],
+                    cases: vec![],
+                    latest: Default::default(),
+                    opted_out: false,
+                    created_at: now,
+                },
+            };
+            if let Some(name) = &m.contact_name {
+                contact.name = Some(name.clone());
+            }
+            match m.consent {
+                Some(Consent::OptOut) => contact.opted_out = true,
+                Some(Consent::OptIn) => contact.opted_out = false,
+                None => {}
+            }
+            let existing = match contact.latest.get(channel_id) {
+                Some(case) => self.store.interaction(*case).await?,
+                None => None,
+            };
+            let (mut interaction, created) = match existing {
+                Some(i) if !i.is_closed_for_new_messages(now, self.new_interaction_after()) => {
+                    (i, false)
+                }
+                _ => {
+                    let case_number = self.store.next_case_number().await?;
+                    let i = Interaction::new(NewInteraction {
+                        case_number,
+                        channel_id: channel_id.clone(),
+                        channel_kind: kind,
+                        digital_id: digital_id.to_string(),
+                        contact_id: contact.id.clone(),
+                        contact_name: contact.name.clone(),
+                        queue: ch.config.queue.clone(),
+                        now,
+                    });
+                    contact.cases.push(case_number);
+                    contact.latest.insert(channel_id.clone(), case_number);
+                    (i, true)
+                }
+            };
+            if m.contact_name.is_some() {
+                interaction.contact_name = m.contact_name.clone();
+            }
+            let msg = Message {
+                id: message_id.clone(),
+                direction: Direction::Inbound,
+                text: m.text.clone(),
+                attachments: attachments.clone(),
+                sent_at: m.sent_at,
+                status: DeliveryStatus::Received,
+                error: None,
+                provider_id: Some(m.provider_id.clone()),
+                author: None,
+                sms: None,
+            };
+            let events = interaction.receive(msg, now, created);
+            let case_number = interaction.case_number;
+            let commit = Commit {
+                contact: Some(contact),
+                interaction: Some(interaction),
+                claims: vec![Claim {
+                    key: claim_key.clone(),
+                    value: format!("{case_number}:{message_id}"),
+                }],
+                events,
+                ..Commit::default()
+            };
+            match self.store.commit(commit).await {
+                Ok(_) => return Ok(true),
+                Err(StoreError::Conflict) => continue,
+                Err(StoreError::Duplicate { .. }) => return Ok(false),
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(StoreError::Unavailable("too many concurrent changes; try again".into()).into())
+    }
+
+    /// Applies a provider's delivery status; false when it was a duplicate.
+    async fn receive_status(&self, ch: &ChannelRuntime, s: StatusUpdate) -> GResult<bool> {
+        let channel_id = &ch.config.id;
+        let claim_key = format!(
+            "status:{channel_id}:{}:{}",
+            s.provider_id,
+            s.status.as_str()
+        );
+        let Some(target) = self
+            .store
+            .lookup(&format!("out:{channel_id}:{}", s.provider_id))
+            .await?
+        else {
+            // A status for a message we have not recorded (yet: the callback
+            // can overtake our own send's answer). Keep it for the outbox to apply.
+            let pending = serde_json::json!({"status": s.status, "error": s.error}).to_string();
+            self.store
+                .kv_set(
+                    &format!("pending-status:{channel_id}:{}", s.provider_id),
+                    &pending,
+                )
+                .await?;
+            return Ok(true);
+        };
+        let Some((case, message_id)) = parse_target(&target) else {
+            return Ok(true);
+        };
+        self.apply_delivery(case, &message_id, s.status, None, s.error, Some(claim_key))
+            .await
+    }
+
+    /// Moves a message's delivery status (never backwards) and stores the events.
+    pub async fn apply_delivery(
+        &self,
+        case: u64,
+        message_id: &str,
+        status: DeliveryStatus,
+        provider_id: Option<String>,
+        error: Option<String>,
+        claim: Option<String>,
+    ) -> GResult<bool> {
+        for _ in 0..MAX_RETRIES {
+            let Some(mut i) = self.store.interaction(case).await? else {
+                return Ok(true);
+            };
+            let events = i.apply_delivery(
+                message_id,
+                status,
+                provider_id.clone(),
+                error.clone(),
+                Utc::now(),
+            );
+            let changed = !events.is_empty();
+            let mut commit = Commit {
+                claims: claim
+                    .iter()
+                    .map(|k| Claim {
+                        key: k.clone(),
+                        value: format!("{case}:{message_id}"),
+                    })
+                    .collect(),
+                ..Commit::default()
+            };
+            if let Some(pid) = &provider_id {
+                commit.index.push(Claim {
+                    key: format!("out:{}:{pid}", i.channel_id),
+                    value: format!("{case}:{message_id}"),
+                });
+            }
+            if changed {
+                commit.events = events;
+                commit.interaction = Some(i);
+            }
+            if commit.claims.is_empty() && commit.index.is_empty() && commit.interaction.is_none() {
+                return Ok(true);
+            }
+            match self.store.commit(commit).await {
+                Ok(_) => return Ok(true),
+                Err(StoreError::Conflict) => continue,
+                Err(StoreError::Duplicate { .. }) => return Ok(false),
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(StoreError::Unavailable("too many concurrent changes; try again".into()).into())
+    }
+
+    // ----- agents -------------------------------------------------------
+
+    /// The queues an actor may see (a service sees all).
+    pub fn visible_queues(&self, actor: &Actor) -> Vec<String> {
+        match actor {
+            Actor::Service(_) => self.settings.queues.iter().map(|q| q.id.clone()).collect(),
+            Actor::Agent(a) => self
+                .settings
+                .agents
+                .iter()
+                .find(|x| x.id == *a)
+                .map(|x| x.queues.clone())
+                .unwrap_or_default(),
+        }
+    }
+
+    /// Loads an interaction the actor may see: in their queues or assigned to them.
+    pub async fn visible(&self, actor: &Actor, case: u64) -> GResult<Interaction> {
+        let i = self
+            .store
+            .interaction(case)
+            .await?
+            .ok_or_else(|| GatewayError::NotFound(format!("no interaction {case}")))?;
+        let mine = matches!(actor, Actor::Agent(a) if i.assigned_to.as_deref() == Some(a.as_str()));
+        if mine || self.visible_queues(actor).contains(&i.queue) {
+            Ok(i)
+        } else {
+            Err(Refusal::NotPermitted(format!("interaction {case} is not in your queues")).into())
+        }
+    }
+
+    /// Runs a domain change on an interaction with retries on conflict.
+    pub async fn change<F>(&self, actor: &Actor, case: u64, mut f: F) -> GResult<Interaction>
+    where
+        F: FnMut(
+            &mut Interaction,
+            DateTime<Utc>,
+        ) -> Result<(Vec<crate::domain::EventDraft>, Commit), GatewayError>,
+    {
+        for _ in 0..MAX_RETRIES {
+            let mut i = self.visible(actor, case).await?;
+            let (events, mut commit) = f(&mut i, Utc::now())?;
+            if events.is_empty() && commit.outbox_add.is_empty() && commit.claims.is_empty() {
+                return Ok(i);
+            }
+            commit.events = events;
+            commit.interaction = Some(i.clone());
+            match self.store.commit(commit).await {
+                Ok(_) => {
+                    i.version += 1;
+                    return Ok(i);
+                }
+                Err(StoreError::Conflict) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(StoreError::Unavailable("too many concurrent changes; try again".into()).into())
+    }
+
+    pub async fn assign(
+        &self,
+        actor: &Actor,
+        case: u64,
+        agent: Option<&str>,
+    ) -> GResult<Interaction> {
+        let target = match (actor, agent) {
+            (Actor::Agent(a), None) => a.clone(),
+            (Actor::Agent(a), Some(b)) if a == b => a.clone(),
+            (Actor::Agent(_), Some(_)) => {
+                return Err(Refusal::NotPermitted(
+                    "only a service may give an interaction to another agent".into(),
+                )
+                .into())
+            }
+            (Actor::Service(_), Some(b)) => {
+                if !self.settings.agents.iter().any(|x| x.id == b) {
+                    return Err(validation("agent", format!("no agent {b}")));
+                }
+                b.to_string()
+            }
+            (Actor::Service(_), None) => {
+                return Err(validation("agent", "name the agent to assign"))
+            }
+        };
+        self.change(actor, case, |i, now| {
+            Ok((i.assign(actor, &target, now)?, Commit::default()))
+        })
+        .await
+    }
+
+    pub async fn resolve(&self, actor: &Actor, case: u64) -> GResult<Interaction> {
+        self.change(actor, case, |i, now| {
+            Ok((i.resolve(actor, now)?, Commit::default()))
+        })
+        .await
+    }
+
+    pub async fn end(
+        &self,
+        actor: &Actor,
+        case: u64,
+        related_name: Option<String>,
+        related_case: Option<String>,
+        notes: Option<String>,
+    ) -> GResult<Interaction> {
+        let i = self
+            .change(actor, case, |i, now| {
+                Ok((
+                    i.end(actor, related_name.clone(), related_case.clone(), now)?,
+                    Commit::default(),
+                ))
+            })
+            .await?;
+        if let (Some(notes), Actor::Agent(a)) = (notes, actor) {
+            self.store.put_note(a, &i.contact_id, &notes).await?;
+        }
+        Ok(i)
+    }
+
+    pub async fn transfer(&self, actor: &Actor, case: u64, queue: &str) -> GResult<Interaction> {
+        let q = self
+            .settings
+            .queue(queue)
+            .ok_or_else(|| GatewayError::UnknownQueue(queue.to_string()))?;
+        if q.kind != QueueKind::Digital {
+            return Err(Refusal::InvalidQueue(format!("{queue} is not a digital queue")).into());
+        }
+        if let Actor::Agent(a) = actor {
+            let can = self
+                .settings
+                .agents
+                .iter()
+                .any(|x| x.id == *a && x.can_transfer);
+            if !can {
+                return Err(
+                    Refusal::NotPermitted("you may not transfer interactions".into()).into(),
+                );
+            }
+        }
+        let members = self.settings.queue_members(queue);
+        self.change(actor, case, |i, now| {
+            Ok((
+                i.transfer(actor, queue, &members, now, new_id)?,
+                Commit::default(),
+            ))
+        })
+        .await
+    }
+
+    /// `PATCH`: tags, priority, contact name, related name and case.
+    pub async fn update(
+        &self,
+        actor: &Actor,
+        case: u64,
+        patch: &serde_json::Value,
+    ) -> GResult<Interaction> {
+        let obj = patch
+            .as_object()
+            .ok_or_else(|| validation("body", "expected a JSON object"))?;
+        let mut tags: Option<Vec<String>> = None;
+        let mut priority: Option<i64> = None;
+        let mut strings: Vec<(&str, Option<String>)> = vec![];
+        for (k, v) in obj {
+            match k.as_str() {
+                "tags" => {
+                    let list = v
+                        .as_array()
+                        .and_then(|a| {
+                            a.iter()
+                                .map(|t| t.as_str().map(|s| s.trim().to_string()))
+                                .collect::<Option<Vec<_>>>()
+                        })
+                        .ok_or_else(|| validation("tags", "expected a list of strings"))?;
+                    if list.iter().any(|t| t.is_empty() || t.len() > 64) {
+                        return Err(validation("tags", "tags are 1 to 64 characters"));
+                    }
+                    let mut list = list;
+                    list.sort();
+                    list.dedup();
+                    tags = Some(list);
+                }
+                "priority" => {
+                    priority = Some(
+                        v.as_i64()
+                            .ok_or_else(|| validation("priority", "expected an integer"))?,
+                    )
+                }
+                "contact_name" | "related_name" | "related_case" => {
+                    if !(v.is_string() || v.is_null()) {
+                        return Err(validation(k, "expected a string or null"));
+                    }
+                    strings.push((k.as_str(), v.as_str().map(str::to_string)));
+                }
+                other => return Err(validation(other, "not a field you can change")),
+            }
+        }
+        self.change(actor, case, |i, now| {
+            if let Some(t) = &tags {
+                i.tags = t.clone();
+            }
+            if let Some(p) = priority {
+                i.priority = p;
+            }
+            for (k, v) in &strings {
+                match *k {
+                    "contact_name" => i.contact_name = v.clone(),
+                    "related_name" => i.related_name = v.clone(),
+                    _ => i.related_case = v.clone(),
+                }
+            }
+            let ev = crate::domain::EventDraft {
+                kind: "interaction.updated".into(),
+                at: now,
+                case_number: i.case_number,
+                channel: serde_json::json!({"id": i.channel_id, "kind": i.channel_kind}),
+                data: patch.clone(),
+            };
+            Ok((vec![ev], Commit::default()))
+        })
+        .await
+    }
+
+    /// The messaging window of an interaction, for channels that have one.
+    pub fn window(&self, i: &Interaction, now: DateTime<Utc>) -> Option<serde_json::Value> {
+        let m = manifest::get(i.channel_kind);
+        let hours = m.window.hours?;
+        let Some(last) = i.last_customer_at else {
+            return Some(serde_json::json!({"open": false, "closes_at": null, "tag": null}));
+        };
+        let mut closes = last + Duration::hours(hours as i64);
+        let mut tag = serde_json::Value::Null;
+        let human = self
+            .channels
+            .get(&i.channel_id)
+            .and_then(|c| c.config.bool("human_agent_tag"))
+            .unwrap_or(false);
+        if now > closes && human {
+            if let Some(h) = m.window.human_agent_hours {
+                closes = last + Duration::hours(h as i64);
+                tag = serde_json::json!("HUMAN_AGENT");
+            }
+        }
+        Some(serde_json::json!({"open": now <= closes, "closes_at": closes, "tag": tag}))
+    }
+
+    /// Checks a text and files against the channel's manifest before anything is queued.
+    fn precheck(&self, kind: ChannelKind, text: &str, uploads: &[Upload]) -> GResult<()> {
+        let m = manifest::get(kind);
+        if text.trim().is_empty() && uploads.is_empty() {
+            return Err(validation("text", "write a message or attach a file"));
+        }
+        if let Some(max) = m.text.max_chars {
+            let n = text.chars().count();
+            if n > max {
+                return Err(validation(
+                    "text",
+                    format!("{n} characters; {kind} allows {max}"),
+                ));
+            }
+        }
+        if let Some(max) = m.text.max_bytes {
+            if text.len() > max {
+                return Err(validation(
+                    "text",
+                    format!("{} bytes; {kind} allows {max}", text.len()),
+                ));
+            }
+        }
+        if !uploads.is_empty() && !m.attachments.allowed {
+            return Err(GatewayError::UnsupportedMediaType(format!(
+                "{kind} messages cannot carry attachments"
+            )));
+        }
+        if let Some(max) = m.attachments.max_count {
+            if uploads.len() > max {
+                return Err(validation(
+                    "attachments",
+                    format!("{} files; {kind} allows {max}", uploads.len()),
+                ));
+            }
+        }
+        for u in uploads {
+            let cap = m
+                .attachments
+                .max_bytes
+                .unwrap_or(MAX_ATTACHMENT_BYTES)
+                .min(MAX_ATTACHMENT_BYTES);
+            if u.bytes.len() as u64 > cap {
+                return Err(GatewayError::AttachmentTooLarge(format!(
+                    "{} is {} bytes; the limit is {cap} bytes",
+                    u.filename,
+                    u.bytes.len()
+                )));
+            }
+            if !manifest::type_allowed(&m.attachments.types, &u.content_type) {
+                return Err(GatewayError::UnsupportedMediaType(format!(
+                    "{} ({}) cannot be sent on {kind}",
+                    u.filename, u.content_type
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    async fn store_uploads(&self, uploads: &[Upload]) -> GResult<Vec<Attachment>> {
+        let mut out = vec![];
+        for u in uploads {
+            let id = new_id();
+            self.store.put_blob(&id, &u.bytes).await?;
+            out.push(Attachment {
+                id,
+                filename: u.filename.clone(),
+                content_type: u.content_type.clone(),
+                size: u.bytes.len() as u64,
+                state: "stored".into(),
+                error: None,
+                source_url: None,
+            });
+        }
+        Ok(out)
+    }
+
+    fn outgoing_message(
+        &self,
+        kind: ChannelKind,
+        agent: &str,
+        text: &str,
+        attachments: Vec<Attachment>,
+        now: DateTime<Utc>,
+    ) -> Message {
+        let sms = (kind == ChannelKind::Sms).then(|| {
+            let s = crate::adapters::sms::segments::analyze(text);
+            serde_json::json!({"encoding": s.encoding, "segments": s.segments, "characters": s.characters})
+        });
+        Message {
+            id: new_id(),
+            direction: Direction::Outbound,
+            text: text.to_string(),
+            attachments,
+            sent_at: now,
+            status: DeliveryStatus::Queued,
+            error: None,
+            provider_id: None,
+            author: Some(agent.to_string()),
+            sms,
+        }
+    }
+
+    /// A reply from the assigned agent: checked, queued durably, then delivered by the outbox.
+    pub async fn reply(
+        &self,
+        actor: &Actor,
+        case: u64,
+        text: &str,
+        uploads: &[Upload],
+        idempotency_key: Option<&str>,
+    ) -> GResult<(Interaction, Message)> {
+        let idem = idempotency_key.map(|k| format!("idem:{}:{k}", actor.id()));
+        if let Some(key) = &idem {
+            if let Some(found) = self.idempotent_result(key).await? {
+                return Ok(found);
+            }
+        }
+        let current = self.visible(actor, case).await?;
+        if let Actor::Agent(a) = actor {
+            if current.assigned_to.as_deref() != Some(a.as_str()) {
+                return Err(Refusal::NotAssigned.into());
+            }
+        }
+        self.precheck(current.channel_kind, text, uploads)?;
+        let now = Utc::now();
+        if let Some(w) = self.window(&current, now) {
+            if w["open"] == serde_json::json!(false) {
+                return Err(GatewayError::WindowClosed(format!(
+                    "the {} messaging window closed at {}; the customer must write first",
+                    current.channel_kind,
+                    w["closes_at"].as_str().unwrap_or("an unknown time")
+                )));
+            }
+        }
+        if current.channel_kind == ChannelKind::Sms {
+            let key = contact_key(
+                current.channel_kind,
+                &current.channel_id,
+                &current.digital_id,
+            );
+            if self.store.contact(&key).await?.is_some_and(|c| c.opted_out) {
+                return Err(GatewayError::OptedOut(format!(
+                    "{} has opted out of SMS (STOP); they must send START first",
+                    current.digital_id
+                )));
+            }
+        }
+        let attachments = self.store_uploads(uploads).await?;
+        let msg = self.outgoing_message(current.channel_kind, actor.id(), text, attachments, now);
+        let channel_id = current.channel_id.clone();
+        let result = self
+            .change(actor, case, |i, now| {
+                let events = i.reply(actor, msg.clone(), now)?;
+                let commit = Commit {
+                    claims: idem
+                        .iter()
+                        .map(|k| Claim {
+                            key: k.clone(),
+                            value: format!("{case}:{}", msg.id),
+                        })
+                        .collect(),
+                    outbox_add: vec![OutboxJob {
+                        id: msg.id.clone(),
+                        case_number: case,
+                        message_id: msg.id.clone(),
+                        channel_id: channel_id.clone(),
+                        attempts: 0,
+                        due_at: now,
+                        created_at: now,
+                    }],
+                    ..Commit::default()
+                };
+                Ok((events, commit))
+            })
+            .await;
+        match result {
+            Ok(i) => {
+                self.outbox_wake.notify_one();
+                Ok((i, msg))
+            }
+            // A concurrent request with the same key won: answer as it did.
+            Err(GatewayError::Store(StoreError::Duplicate { key, .. })) => {
+                self.idempotent_result(&key).await?.ok_or_else(|| {
+                    StoreError::Unavailable("idempotency record vanished".into()).into()
+                })
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn idempotent_result(&self, key: &str) -> GResult<Option<(Interaction, Message)>> {
+        let Some(v) = self.store.lookup(key).await? else {
+            return Ok(None);
+        };
+        let Some((case, mid)) = parse_target(&v) else {
+            return Ok(None);
+        };
+        let Some(i) = self.store.interaction(case).await? else {
+            return Ok(None);
+        };
+        let m = i.messages.iter().find(|m| m.id == mid).cloned();
+        Ok(m.map(|m| (i, m)))
+    }
+
+    /// Outbound SMS (or, later, email) started by an agent of an outbound queue.
+    pub async fn start_outbound(
+        &self,
+        actor: &Actor,
+        queue_kind: QueueKind,
+        channel_id: &str,
+        to: &str,
+        text: &str,
+        subject: Option<String>,
+        uploads: &[Upload],
+        contact: &serde_json::Value,
+    ) -> GResult<(Interaction, Message)> {
+        let Actor::Agent(agent) = actor else {
+            return Err(
+                Refusal::NotPermitted("outbound messages are started by agents".into()).into(),
+            );
+        };
+        let member = self
+            .visible_queues(actor)
+            .iter()
+            .any(|q| self.settings.queue(q).is_some_and(|q| q.kind == queue_kind));
+        if !member {
+            return Err(Refusal::NotPermitted(format!(
+                "only agents of an {} queue may start one",
+                serde_json::to_value(queue_kind)
+                    .unwrap()
+                    .as_str()
+                    .unwrap_or("outbound")
+            ))
+            .into());
+        }
+        let ch = self.channel(channel_id)?.clone();
+        let wanted = match queue_kind {
+            QueueKind::OutboundSms => ChannelKind::Sms,
+            _ => ChannelKind::Email,
+        };
+        if ch.config.kind != wanted {
+            return Err(validation(
+                "channel",
+                format!("{channel_id} is not an {wanted} channel"),
+            ));
+        }
+        let digital_id = DigitalId::parse(wanted, to).map_err(|e| validation("to", e))?;
+        self.precheck(wanted, text, uploads)?;
+        let name = contact
+            .get("name")
+            .and_then(|v| v.as_str())
+            .map(str::to_string);
+        let related_name = contact
+            .get("related_name")
+            .and_then(|v| v.as_str())
+            .map(str::to_string);
+        let related_case = contact
+            .get("related_case")
+            .and_then(|v| v.as_str())
+            .map(str::to_string);
+        let notes = contact
+            .get("notes")
+            .and_then(|v| v.as_str())
+            .map(str::to_string);
+        let key = contact_key(wanted, channel_id, digital_id.as_str());
+        if let Some(c) = self.store.contact(&key).await? {
+            if c.opted_out && wanted == ChannelKind::Sms {
+                return Err(GatewayError::OptedOut(format!(
+                    "{} has opted out of SMS (STOP); they must send START first",
+                    digital_id
+                )));
+            }
+        }
+        let attachments = self.store_uploads(uploads).await?;
+        for _ in 0..MAX_RETRIES {
+            let now = Utc::now();
+            let mut contact = self.store.contact(&key).await?.unwrap_or_else(|| Contact {
+                id: new_id(),
+                key: key.clone(),
+                version: 0,
+                channel_kind: wanted,
+                digital_id: digital_id.to_string(),
+                name: None,
+                aliases: vec![],
+                cases: vec![],
+                latest: Default::default(),
+                opted_out: false,
+                created_at: now,
+            });
+            if name.is_some() {
+                contact.name = name.clone();
+            }
+            let case_number = self.store.next_case_number().await?;
+            let mut i = Interaction::new(NewInteraction {
+                case_number,
+                channel_id: channel_id.to_string(),
+                channel_kind: wanted,
+                digital_id: digital_id.to_string(),
+                contact_id: contact.id.clone(),
+                contact_name: contact.name.clone(),
+                queue: ch.config.queue.clone(),
+                now,
+            });
+            i.subject = subject.clone();
+            i.related_name = related_name.clone();
+            i.related_case = related_case.clone();
+            i.assigned_to = Some(agent.clone());
+            i.opened_by.insert(agent.clone(), now);
+            let msg = self.outgoing_message(wanted, agent, text, attachments.clone(), now);
+            let mut events = vec![crate::domain::EventDraft {
+                kind: "interaction.created".into(),
+                at: now,
+                case_number,
+                channel: serde_json::json!({"id": channel_id, "kind": wanted}),
+                data: serde_json::json!({"queue": i.queue, "digital_id": i.digital_id, "outbound": true,
+                    "contact": {"id": contact.id, "name": contact.name}}),
+            }];
+            events.extend(i.reply(actor, msg.clone(), now)?);
+            i.received_at = now;
+            contact.cases.push(case_number);
+            contact.latest.insert(channel_id.to_string(), case_number);
+            let contact_id = contact.id.clone();
+            let commit = Commit {
+                contact: Some(contact),
+                interaction: Some(i.clone()),
+                events,
+                outbox_add: vec![OutboxJob {
+                    id: msg.id.clone(),
+                    case_number,
+                    message_id: msg.id.clone(),
+                    channel_id: channel_id.to_string(),
+                    attempts: 0,
+                    due_at: now,
+                    created_at: now,
+                }],
+                ..Commit::default()
+            };
+            match self.store.commit(commit).await {
+                Ok(_) => {
+                    if let Some(n) = &notes {
+                        self.store.put_note(agent, &contact_id, n).await?;
+                    }
+                    self.outbox_wake.notify_one();
+                    i.version += 1;
+                    return Ok((i, msg));
+                }
+                Err(StoreError::Conflict) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(StoreError::Unavailable("too many concurrent changes; try again".into()).into())
+    }
+
+    /// The list an agent works from (CONTRACT.md, "Lists and feeds").
+    pub async fn list(
+        &self,
+        actor: &Actor,
+        q: &ListQuery,
+    ) -> GResult<(Vec<Interaction>, Option<String>)> {
+        let mut queues = self.visible_queues(actor);
+        if let Some(only) = &q.queue {
+            if !queues.contains(only) {
+                if self.settings.queue(only).is_none() {
+                    return Err(GatewayError::UnknownQueue(only.clone()));
+                }
+                return Err(Refusal::NotPermitted(format!("you are not in queue {only}")).into());
+            }
+            queues = vec![only.clone()];
+        }
+        let agent = match actor {
+            Actor::Agent(a) => Some(a.as_str()),
+            Actor::Service(_) => None,
+        };
+        let mut items: Vec<Interaction> = self
+            .store
+            .interactions_for(&queues, agent)
+            .await?
+            .into_iter()
+            .filter(|i| {
+                let mine = agent.is_some() && i.assigned_to.as_deref() == agent;
+                let in_queues = queues.contains(&i.queue);
+                match q.view.as_str() {
+                    "mine" => mine,
+                    "all" => in_queues || mine,
+                    _ => {
+                        (in_queues && i.in_queue && (i.assigned_to.is_none() || mine))
+                            || (mine && i.in_queue)
+                    }
+                }
+            })
+            .filter(|i| q.status.is_none_or(|s| i.status == s))
+            .filter(|i| q.tags.is_empty() || i.tags.iter().any(|t| q.tags.contains(t)))
+            .collect();
+        match q.sort.as_str() {
+            "priority" => items.sort_by(|a, b| {
+                b.priority
+                    .cmp(&a.priority)
+                    .then(b.received_at.cmp(&a.received_at))
+                    .then(a.case_number.cmp(&b.case_number))
+            }),
+            "channel" => items.sort_by(|a, b| {
+                a.channel_kind
+                    .cmp(&b.channel_kind)
+                    .then(b.received_at.cmp(&a.received_at))
+                    .then(a.case_number.cmp(&b.case_number))
+            }),
+            _ => items.sort_by(|a, b| {
+                b.received_at
+                    .cmp(&a.received_at)
+                    .then(a.case_number.cmp(&b.case_number))
+            }),
+        }
+        let offset: usize = q
+            .cursor
+            .as_deref()
+            .and_then(|c| c.parse().ok())
+            .unwrap_or(0);
+        let limit = q.limit.clamp(1, 500);
+        let total = items.len();
+        let page: Vec<Interaction> = items.into_iter().skip(offset).take(limit).collect();
+        let next = (offset + limit < total).then(|| (offset + limit).to_string());
+        Ok((page, next))
+    }
+
+    /// Contact details: the caller's own notes and the contact's other interactions.
+    pub async fn contact_details(&self, actor: &Actor, case: u64) -> GResult<serde_json::Value> {
+        let i = self.visible(actor, case).await?;
+        let contact = self.store.contact_by_id(&i.contact_id).await?;
+        let notes = match actor {
+            Actor::Agent(a) => self.store.note(a, &i.contact_id).await?,
+            Actor::Service(_) => None,
+        };
+        let mut history = vec![];
+        if let Some(c) = &contact {
+            for case_number in c.cases.iter().rev() {
+                if *case_number == case {
+                    continue;
+                }
+                if let Some(h) = self.store.interaction(*case_number).await? {
+                    let mut v = h.to_api(Some(actor.id()), None);
+                    v.as_object_mut().map(|o| o.remove("messages"));
+                    history.push(v);
+                }
+            }
+        }
+        Ok(serde_json::json!({
+            "case_number": i.case_number,
+            "digital_id": i.digital_id,
+            "contact": {"id": i.contact_id, "name": i.contact_name.clone().or(contact.as_ref().and_then(|c| c.name.clone()))},
+            "related_name": i.related_name,
+            "related_case": i.related_case,
+            "notes": notes,
+            "history": history,
+        }))
+    }
+
+    /// Saves the caller's private notes on a contact they can see.
+    pub async fn put_notes(&self, actor: &Actor, contact_id: &str, notes: &str) -> GResult<()> {
+        let Actor::Agent(agent) = actor else {
+            return Err(Refusal::NotPermitted("notes belong to agents".into()).into());
+        };
+        let contact = self
+            .store
+            .contact_by_id(contact_id)
+            .await?
+            .ok_or_else(|| GatewayError::NotFound(format!("no contact {contact_id}")))?;
+        let queues = self.visible_queues(actor);
+        let mut allowed = false;
+        for case in &contact.cases {
+            if let Some(i) = self.store.interaction(*case).await? {
+                if queues.contains(&i.queue) || i.assigned_to.as_deref() == Some(agent) {
+                    allowed = true;
+                    break;
+                }
+            }
+        }
+        if !allowed {
+            return Err(Refusal::NotPermitted(format!(
+                "contact {contact_id} is not in your queues"
+            ))
+            .into());
+        }
+        self.store.put_note(agent, contact_id, notes).await?;
+        Ok(())
+    }
+
+    /// Whether an event concerns one of the actor's queues (for SSE).
+    pub async fn event_visible(&self, actor: &Actor, queues: &[String], e: &Event) -> bool {
+        if matches!(actor, Actor::Service(_)) {
+            return true;
+        }
+        match self.store.interaction(e.case_number).await {
+            Ok(Some(i)) => {
+                queues.contains(&i.queue)
+                    || i.assigned_to.as_deref() == Some(actor.id())
+                    || e.data
+                        .get("from")
+                        .and_then(|f| f.as_str())
+                        .is_some_and(|f| queues.iter().any(|q| q == f))
+            }
+            _ => false,
+        }
+    }
+
+    /// Records a delivery failure of a channel's credentials (health shown in `/readyz`).
+    pub async fn set_channel_health(&self, channel_id: &str, state: &str) {
+        let _ = self
+            .store
+            .kv_set(&format!("channel-health:{channel_id}"), state)
+            .await;
+    }
+
+    pub async fn channel_health(&self, channel_id: &str) -> String {
+        self.store
+            .kv_get(&format!("channel-health:{channel_id}"))
+            .await
+            .ok()
+            .flatten()
+            .unwrap_or_else(|| "ok".into())
+    }
+
+    pub fn unread_count(&self, items: &[Interaction], agent: &str) -> usize {
+        items.iter().filter(|i| i.unread_for(agent)).count()
+    }
+}
+
+/// Query of `GET /api/v1/interactions`.
+#[derive(Debug, Clone)]
+pub struct ListQuery {
+    pub queue: Option<String>,
+    pub view: String,
+    pub status: Option<Status>,
+    pub tags: Vec<String>,
+    pub sort: String,
+    pub limit: usize,
+    pub cursor: Option<String>,
+}
+
+impl Default for ListQuery {
+    fn default() -> Self {
+        ListQuery {
+            queue: None,
+            view: "queue".into(),
+            status: None,
+            tags: vec![],
+            sort: "received".into(),
+            limit: 50,
+            cursor: None,
+        }
+    }
+}
+
+fn failed_attachment(
+    id: String,
+    filename: String,
+    media: &crate::adapters::MediaRef,
+    error: String,
+) -> Attachment {
+    Attachment {
+        id,
+        filename,
+        content_type: media
+            .content_type
+            .clone()
+            .unwrap_or_else(|| "application/octet-stream".into()),
+        size: 0,
+        state: "failed".into(),
+        error: Some(error),
+        source_url: Some(media.url.clone()),
+    }
+}
+
+/// Parses a `{case}:{message_id}` lookup value.
+pub fn parse_target(v: &str) -> Option<(u64, String)> {
+    let (case, mid) = v.split_once(':')?;
+    Some((case.parse().ok()?, mid.to_string()))
+}
+
+/// A classified delivery failure, as the outbox records it.
+pub fn failure_text(e: &DeliveryError) -> String {
+    match &e.code {
+        Some(code) => format!("{code}: {}", e.message),
+        None => e.message.clone(),
+    }
+}

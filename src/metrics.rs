@@ -1,0 +1,104 @@
+//! Prometheus metrics. Labels come from closed sets (channel kind, outcome,
+//! reason), never from raw IDs, so cardinality stays bounded.
+
+use crate::domain::ChannelKind;
+use prometheus::{Encoder, IntCounterVec, IntGauge, Opts, Registry, TextEncoder};
+
+#[derive(Clone)]
+pub struct Metrics {
+    registry: Registry,
+    received: IntCounterVec,
+    rejected: IntCounterVec,
+    deduplicated: IntCounterVec,
+    deliveries: IntCounterVec,
+    pub outbox_depth: IntGauge,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let registry = Registry::new();
+        let received = IntCounterVec::new(
+            Opts::new(
+                "switchboard_webhooks_received_total",
+                "Webhooks received, by channel kind",
+            ),
+            &["kind"],
+        )
+        .expect("valid metric");
+        let rejected = IntCounterVec::new(
+            Opts::new(
+                "switchboard_webhooks_rejected_total",
+                "Webhooks refused, by channel kind and reason",
+            ),
+            &["kind", "reason"],
+        )
+        .expect("valid metric");
+        let deduplicated = IntCounterVec::new(
+            Opts::new(
+                "switchboard_webhooks_deduplicated_total",
+                "Provider messages received again (retries) and not stored twice",
+            ),
+            &["kind"],
+        )
+        .expect("valid metric");
+        let deliveries = IntCounterVec::new(
+            Opts::new(
+                "switchboard_deliveries_total",
+                "Outbound delivery attempts, by channel kind and outcome",
+            ),
+            &["kind", "outcome"],
+        )
+        .expect("valid metric");
+        let outbox_depth =
+            IntGauge::new("switchboard_outbox_depth", "Replies waiting in the outbox")
+                .expect("valid metric");
+        for c in [&received, &rejected, &deduplicated, &deliveries] {
+            registry
+                .register(Box::new(c.clone()))
+                .expect("unique metric");
+        }
+        registry
+            .register(Box::new(outbox_depth.clone()))
+            .expect("unique metric");
+        Metrics {
+            registry,
+            received,
+            rejected,
+            deduplicated,
+            deliveries,
+            outbox_depth,
+        }
+    }
+
+    pub fn webhook_received(&self, kind: ChannelKind) {
+        self.received.with_label_values(&[kind.as_str()]).inc();
+    }
+    pub fn webhook_rejected(&self, kind: ChannelKind, reason: &'static str) {
+        self.rejected
+            .with_label_values(&[kind.as_str(), reason])
+            .inc();
+    }
+    pub fn webhook_deduplicated(&self, kind: ChannelKind) {
+        self.deduplicated.with_label_values(&[kind.as_str()]).inc();
+    }
+    /// `outcome`: `sent`, `retried`, `failed`.
+    pub fn delivery(&self, kind: ChannelKind, outcome: &'static str) {
+        self.deliveries
+            .with_label_values(&[kind.as_str(), outcome])
+            .inc();
+    }
+
+    pub fn render(&self) -> String {
+        let mut buf = vec![];
+        TextEncoder::new()
+            .encode(&self.registry.gather(), &mut buf)
+            .expect("text encoding never fails");
+        String::from_utf8(buf).expect("prometheus text is UTF-8")
+    }
+}
