@@ -292,6 +292,7 @@ impl Gateway {
                     key: claim_key.clone(),
                     value: format!("{case_number}:{message_id}"),
                 }],
+                index: attachment_index(case_number, &message_id, &attachments),
                 events,
                 ..Commit::default()
             };
@@ -798,6 +799,7 @@ impl Gateway {
                             value: format!("{case}:{}", msg.id),
                         })
                         .collect(),
+                    index: attachment_index(case, &msg.id, &msg.attachments),
                     outbox_add: vec![OutboxJob {
                         id: msg.id.clone(),
                         case_number: case,
@@ -962,6 +964,7 @@ impl Gateway {
             let commit = Commit {
                 contact: Some(contact),
                 interaction: Some(i.clone()),
+                index: attachment_index(case_number, &msg.id, &msg.attachments),
                 events,
                 outbox_add: vec![OutboxJob {
                     id: msg.id.clone(),
@@ -1158,6 +1161,44 @@ impl Gateway {
             .unwrap_or_else(|| "ok".into())
     }
 
+    /// A public link to an outbound attachment, valid for `ttl` (providers
+    /// such as Twilio fetch media by URL). Unguessable: signed with the
+    /// store-wide media secret.
+    pub fn media_url(&self, case: u64, attachment_id: &str, ttl: Duration) -> String {
+        let expires = (Utc::now() + ttl).timestamp();
+        let payload = format!("{case}.{attachment_id}.{expires}");
+        format!(
+            "{}/media/{payload}.{}",
+            self.settings.server.public_url(),
+            self.media_signature(&payload)
+        )
+    }
+
+    fn media_signature(&self, payload: &str) -> String {
+        use hmac::{Hmac, Mac};
+        let mut mac =
+            Hmac::<sha2::Sha256>::new_from_slice(&self.media_secret).expect("any key length");
+        mac.update(payload.as_bytes());
+        hex::encode(mac.finalize().into_bytes())
+    }
+
+    /// The case and attachment a media token names, if it is genuine and unexpired.
+    pub fn verify_media_token(&self, token: &str, now: DateTime<Utc>) -> Option<(u64, String)> {
+        let (payload, sig) = token.rsplit_once('.')?;
+        let expected = self.media_signature(payload);
+        if !bool::from(subtle::ConstantTimeEq::ct_eq(
+            expected.as_bytes(),
+            sig.as_bytes(),
+        )) {
+            return None;
+        }
+        let mut parts = payload.split('.');
+        let case = parts.next()?.parse().ok()?;
+        let att = parts.next()?.to_string();
+        let expires: i64 = parts.next()?.parse().ok()?;
+        (now.timestamp() <= expires).then_some((case, att))
+    }
+
     pub fn unread_count(&self, items: &[Interaction], agent: &str) -> usize {
         items.iter().filter(|i| i.unread_for(agent)).count()
     }
@@ -1207,6 +1248,17 @@ fn failed_attachment(
         error: Some(error),
         source_url: Some(media.url.clone()),
     }
+}
+
+/// Index entries that find an attachment's interaction from its ID.
+fn attachment_index(case: u64, message_id: &str, attachments: &[Attachment]) -> Vec<Claim> {
+    attachments
+        .iter()
+        .map(|a| Claim {
+            key: format!("att:{}", a.id),
+            value: format!("{case}:{message_id}"),
+        })
+        .collect()
 }
 
 /// Parses a `{case}:{message_id}` lookup value.

@@ -14,10 +14,15 @@
 //! | [`app`] | the composition root that `serve` and the tests call |
 
 pub mod adapters;
+pub mod app;
 pub mod config;
+pub mod demo;
 pub mod domain;
 pub mod gateway;
+pub mod http;
 pub mod manifest;
 pub mod metrics;
+pub mod outbox;
 pub mod routing;
+pub mod simulate;
 pub mod store;

@@ -1,1 +1,238 @@
-fn main() {}
+//! The `switchboard` command: `serve`, `check-config`, `simulate`.
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use std::path::{Path, PathBuf};
+use switchboard::app::Application;
+use switchboard::config::Settings;
+
+#[derive(Parser)]
+#[command(name = "switchboard", version, about = "A digital channel gateway")]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the gateway.
+    Serve {
+        /// The configuration file (default: $SWITCHBOARD_CONFIG, else ./switchboard.toml, else the demo).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Run the built-in demo: every channel on the offline sandbox provider.
+        #[arg(long)]
+        demo: bool,
+    },
+    /// Validate the configuration: exit 0, or print every problem and exit 1.
+    CheckConfig {
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+    /// Send a webhook to a running gateway exactly as the channel's provider would.
+    Simulate {
+        /// The channel to simulate.
+        channel_id: String,
+        /// The customer's message.
+        #[arg(long, conflicts_with = "file")]
+        text: Option<String>,
+        /// A payload to send as the provider's body (signed as the provider would).
+        #[arg(long)]
+        file: Option<PathBuf>,
+        /// The customer's digital ID (default: a demo number or ID for the kind).
+        #[arg(long)]
+        from: Option<String>,
+        /// The gateway's base URL (default: from server.listen).
+        #[arg(long)]
+        url: Option<String>,
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+}
+
+/// Which configuration to use: an explicit file, `$SWITCHBOARD_CONFIG`,
+/// `./switchboard.toml`, or none (the demo).
+fn config_path(explicit: Option<PathBuf>) -> Option<PathBuf> {
+    explicit
+        .or_else(|| std::env::var_os("SWITCHBOARD_CONFIG").map(PathBuf::from))
+        .or_else(|| {
+            Path::new("switchboard.toml")
+                .exists()
+                .then(|| PathBuf::from("switchboard.toml"))
+        })
+}
+
+fn load(path: Option<PathBuf>, demo: bool) -> anyhow::Result<Settings> {
+    match (config_path(path), demo) {
+        (Some(p), false) => Ok(Settings::load(&p)?),
+        _ => {
+            // The demo configuration, with the environment's overrides applied.
+            let base = toml::to_string(&switchboard::demo::settings())?;
+            Ok(Settings::from_toml(&base)?)
+        }
+    }
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info,actix_server=warn,switchboard::http=warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("a tokio runtime");
+    let result = rt.block_on(async move {
+        match cli.command {
+            None => serve(None, false).await,
+            Some(Command::Serve { config, demo }) => serve(config, demo).await,
+            Some(Command::CheckConfig { config }) => check_config(config),
+            Some(Command::Simulate {
+                channel_id,
+                text,
+                file,
+                from,
+                url,
+                config,
+            }) => simulate(channel_id, text, file, from, url, config).await,
+        }
+    });
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn serve(config: Option<PathBuf>, demo: bool) -> anyhow::Result<std::process::ExitCode> {
+    let settings = load(config, demo)?;
+    if let Err(e) = settings.clone().validate() {
+        anyhow::bail!("the configuration has problems:\n{e}");
+    }
+    let app = Application::build(settings).await?;
+    let g = app.gateway.clone();
+    let url = app.url().to_string();
+    println!("switchboard listening on {url}");
+    if g.settings.demo {
+        println!(
+            "demo mode: every channel uses the built-in sandbox provider; data in {}",
+            g.settings.store.path.display()
+        );
+        for a in &g.settings.agents {
+            println!(
+                "agent {} token {}",
+                a.id,
+                a.token.as_deref().unwrap_or("(hashed)")
+            );
+        }
+        for s in &g.settings.services {
+            println!(
+                "service {} token {}",
+                s.id,
+                s.token.as_deref().unwrap_or("(hashed)")
+            );
+        }
+        println!("agent API:       {url}/api/v1/me  (Authorization: Bearer <token>)");
+        println!("routing feed:    {url}/api/v1/routing/events");
+        println!("API description: {url}/openapi.json");
+        for c in &g.settings.channels {
+            println!(
+                "channel {} ({}): try  switchboard simulate {} --url {url} --text \"hello\"",
+                c.id, c.kind, c.id
+            );
+        }
+    }
+    use std::io::Write;
+    let _ = std::io::stdout().flush();
+    app.run_until_stopped().await?;
+    Ok(std::process::ExitCode::SUCCESS)
+}
+
+fn check_config(config: Option<PathBuf>) -> anyhow::Result<std::process::ExitCode> {
+    let path = config_path(config);
+    let settings = match &path {
+        Some(p) => Settings::load(p),
+        None => {
+            println!("no configuration file: the demo configuration would be used");
+            return Ok(std::process::ExitCode::SUCCESS);
+        }
+    };
+    let settings = match settings {
+        Ok(s) => s,
+        Err(e) => {
+            println!("{e}");
+            return Ok(std::process::ExitCode::FAILURE);
+        }
+    };
+    let problems = settings.problems();
+    if problems.is_empty() {
+        println!(
+            "{}: ok ({} channels, {} queues, {} agents)",
+            path.unwrap().display(),
+            settings.channels.len(),
+            settings.queues.len(),
+            settings.agents.len()
+        );
+        Ok(std::process::ExitCode::SUCCESS)
+    } else {
+        for p in &problems {
+            println!("{p}");
+        }
+        Ok(std::process::ExitCode::FAILURE)
+    }
+}
+
+async fn simulate(
+    channel_id: String,
+    text: Option<String>,
+    file: Option<PathBuf>,
+    from: Option<String>,
+    url: Option<String>,
+    config: Option<PathBuf>,
+) -> anyhow::Result<std::process::ExitCode> {
+    let settings = load(config, false)?;
+    let ch = settings
+        .channel(&channel_id)
+        .with_context(|| format!("no channel {channel_id} in the configuration"))?
+        .clone();
+    let base = url.unwrap_or_else(|| format!("http://{}", settings.server.listen));
+    let base = base.trim_end_matches('/').to_string();
+    // Providers sign the public URL; a local gateway without one is reached at --url.
+    let public_url = settings
+        .server
+        .public_url
+        .clone()
+        .unwrap_or_else(|| base.clone());
+    let req = switchboard::simulate::build(
+        &ch,
+        &public_url,
+        text.as_deref(),
+        file.as_deref(),
+        from.as_deref(),
+    )?;
+    let mut rb = reqwest::Client::new()
+        .post(format!("{base}{}", req.path))
+        .header("content-type", req.content_type.clone());
+    for (k, v) in &req.headers {
+        rb = rb.header(k, v);
+    }
+    let resp = rb
+        .body(req.body)
+        .send()
+        .await
+        .with_context(|| format!("posting to {base}"))?;
+    let status = resp.status();
+    let body = resp.text().await.unwrap_or_default();
+    println!("{} {}", status.as_u16(), body);
+    Ok(if status.is_success() {
+        std::process::ExitCode::SUCCESS
+    } else {
+        std::process::ExitCode::FAILURE
+    })
+}

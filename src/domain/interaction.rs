@@ -512,6 +512,9 @@ impl Interaction {
             let was = self.status;
             self.status = Status::Open;
             self.in_queue = true;
+            // Back on the queue means no longer ended (CONTRACT: `in_queue` is
+            // "new or open, and not ended"); an ended one has no agent to keep.
+            self.ended_at = None;
             if was == Status::Resolved {
                 events.push(self.event(
                     "interaction.reopened",

@@ -1,1 +1,760 @@
-//! The Redis store (placeholder).
+//! The Redis store: many gateway processes sharing one state.
+//!
+//! Every key starts with `{prefix}:`; the layout, in one place ([`Keys`]):
+//!
+//! | key | type | holds |
+//! | --- | --- | --- |
+//! | `{p}:interaction:{case}` | hash | `v` (version), `json`, `qkey` / `akey` (the index sets it is in) |
+//! | `{p}:queue:{queue}` | set | case numbers of the interactions in that queue |
+//! | `{p}:assigned:{agent}` | set | case numbers of the interactions assigned to that agent |
+//! | `{p}:contact:{contact key}` | hash | `v` (version), `json` |
+//! | `{p}:contact-id:{contact id}` | string | the contact key, for `contact_by_id` |
+//! | `{p}:claim:{key}` | string | a claim's or index entry's value |
+//! | `{p}:case` | string | the case number counter (first number 1001) |
+//! | `{p}:routing` | stream | one entry per event, field `event` holding its JSON (CONTRACT.md) |
+//! | `{p}:routing:last` | string | the last event ID handed out, `ms-seq` |
+//! | `{p}:outbox` | sorted set | job IDs scored by due time (microseconds since the epoch) |
+//! | `{p}:outbox:jobs` | hash | job ID → `OutboxRecord` JSON |
+//! | `{p}:blob:{id}` | string | attachment bytes |
+//! | `{p}:notes:{agent}` | hash | contact ID → that agent's private notes |
+//! | `{p}:kv:{key}` | string | small shared values |
+//! | `{p}:lease:{name}` | string | the lease owner, expiring with the lease |
+//!
+//! [`Store::commit`] is one Lua script ([`COMMIT_LUA`]): it checks every claim
+//! and version first and returns before writing anything when one fails, so a
+//! commit is all or nothing exactly as on the embedded store. Versions are
+//! kept beside the JSON (`v`) so the script compares them without parsing
+//! JSON. Event IDs are made inside the same script from the server's clock
+//! (`TIME`), strictly increasing even within one millisecond, and are the
+//! stream entry IDs, so the feed's `after`, SSE `id:` and a consumer group
+//! reading `{p}:routing` all name an event the same way.
+//!
+//! Live events: a background task follows the stream with `XREAD BLOCK` on
+//! its own connection (not from the pool, which it would hold forever) and
+//! forwards every entry, whichever process wrote it, to [`Store::subscribe`]rs.
+//! It reconnects after errors and stops when the store is dropped.
+//!
+//! All keys of a commit are named by the script from values it is given or
+//! has stored, so this backend targets a single Redis (or a primary with
+//! replicas), not Redis Cluster.
+
+use super::{Commit, OutboxJob, OutboxRecord, Store, StoreError, StoreResult};
+use crate::domain::{parse_event_id, Contact, Event, Interaction};
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use deadpool_redis::{Config, Pool, PoolConfig, Runtime, Timeouts};
+use redis::streams::{StreamRangeReply, StreamReadReply};
+use redis::{AsyncCommands, Script};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::broadcast;
+use tokio_util::sync::{CancellationToken, DropGuard};
+
+/// The case counter starts here, so the first case number is 1001.
+const CASE_COUNTER_START: u64 = 1000;
+/// How long one `XREAD` blocks before the follower loops (and notices shutdown).
+const FOLLOW_BLOCK_MS: u64 = 5_000;
+const FOLLOW_BATCH: usize = 512;
+/// How long a pool waits for, creates or recycles a connection before the
+/// store answers `Unavailable` (and the HTTP edge 503).
+const POOL_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The commit, checked then applied. `ARGV[1]` is the commit as JSON (built
+/// by [`RedisStore::commit`]); every string that Redis parses as a number
+/// (versions, scores, case numbers) travels as a string, because Lua numbers
+/// lose digits when passed back to `redis.call`.
+///
+/// Returns `{'ok', id...}` with the new event IDs, `{'duplicate', key,
+/// value}` or `{'conflict'}`; in the last two cases nothing was written.
+const COMMIT_LUA: &str = r#"
+local c = cjson.decode(ARGV[1])
+
+-- 1. Check everything. Nothing below this block runs unless all of it holds.
+for _, cl in ipairs(c.claims) do
+  local held = redis.call('GET', cl[2])
+  if held then return {'duplicate', cl[1], held} end
+end
+if c.contact then
+  local cur = redis.call('HGET', c.contact.key, 'v') or '0'
+  if cur ~= c.contact.expect then return {'conflict'} end
+end
+if c.interaction then
+  local cur = redis.call('HGET', c.interaction.key, 'v') or '0'
+  if cur ~= c.interaction.expect then return {'conflict'} end
+end
+
+-- 2. Events first: XADD is the only write that could fail (an ID not above
+-- the stream's last one), and it fails before anything else is written.
+local ids = {}
+if #c.events > 0 then
+  local t = redis.call('TIME')
+  local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  local last_ms, last_seq = 0, 0
+  local function consider(id)
+    if not id then return end
+    local ms, seq = string.match(id, '^(%d+)-(%d+)$')
+    if not ms then return end
+    ms, seq = tonumber(ms), tonumber(seq)
+    if ms > last_ms or (ms == last_ms and seq > last_seq) then
+      last_ms, last_seq = ms, seq
+    end
+  end
+  consider(redis.call('GET', c.stream_last))
+  if redis.call('EXISTS', c.stream) == 1 then
+    local info = redis.call('XINFO', 'STREAM', c.stream)
+    for i = 1, #info, 2 do
+      if info[i] == 'last-generated-id' then consider(info[i + 1]) end
+    end
+  end
+  local id
+  for _, body in ipairs(c.events) do
+    if now_ms > last_ms then
+      last_ms, last_seq = now_ms, 0
+    else
+      last_seq = last_seq + 1
+    end
+    id = string.format('%d-%d', last_ms, last_seq)
+    -- The event JSON arrives without its ID (only known now): splice it in.
+    redis.call('XADD', c.stream, id, 'event', '{"id":"' .. id .. '",' .. string.sub(body, 2))
+    ids[#ids + 1] = id
+  end
+  redis.call('SET', c.stream_last, id)
+  local horizon = now_ms - tonumber(c.retention_ms)
+  if horizon > 0 then
+    redis.call('XTRIM', c.stream, 'MINID', '~', string.format('%d-0', horizon))
+  end
+end
+
+-- 3. Everything else.
+for _, cl in ipairs(c.claims) do redis.call('SET', cl[2], cl[3]) end
+for _, ix in ipairs(c.index) do redis.call('SET', ix[1], ix[2]) end
+if c.contact then
+  redis.call('HSET', c.contact.key, 'v', c.contact.next, 'json', c.contact.json)
+  redis.call('SET', c.contact.id_key, c.contact.domain_key)
+end
+if c.interaction then
+  local it = c.interaction
+  local old_q = redis.call('HGET', it.key, 'qkey')
+  local old_a = redis.call('HGET', it.key, 'akey')
+  if old_q and old_q ~= '' and old_q ~= it.qkey then redis.call('SREM', old_q, it.case) end
+  if old_a and old_a ~= '' and old_a ~= it.akey then redis.call('SREM', old_a, it.case) end
+  redis.call('SADD', it.qkey, it.case)
+  if it.akey ~= '' then redis.call('SADD', it.akey, it.case) end
+  redis.call('HSET', it.key, 'v', it.next, 'json', it.json, 'qkey', it.qkey, 'akey', it.akey)
+  -- Keep the case counter past every stored case (as the embedded store does).
+  local counter = tonumber(redis.call('GET', c.case_counter) or c.case_start)
+  if tonumber(it.case) > counter then redis.call('SET', c.case_counter, it.case) end
+end
+for _, job in ipairs(c.outbox_add) do
+  redis.call('HSET', c.outbox_jobs, job[1], job[3])
+  redis.call('ZADD', c.outbox_due, job[2], job[1])
+end
+for _, id in ipairs(c.outbox_remove) do
+  redis.call('HDEL', c.outbox_jobs, id)
+  redis.call('ZREM', c.outbox_due, id)
+end
+
+local out = {'ok'}
+for _, id in ipairs(ids) do out[#out + 1] = id end
+return out
+"#;
+
+/// KEYS[1]: the counter; ARGV[1]: the value before the first number.
+const NEXT_CASE_LUA: &str = r#"
+redis.call('SET', KEYS[1], ARGV[1], 'NX')
+return redis.call('INCR', KEYS[1])
+"#;
+
+/// KEYS: the index sets to union; ARGV[1]: the interaction key prefix.
+/// One script, so the answer is a consistent snapshot.
+const INTERACTIONS_FOR_LUA: &str = r#"
+local cases = redis.call('SUNION', unpack(KEYS))
+local out = {}
+for _, case in ipairs(cases) do
+  local json = redis.call('HGET', ARGV[1] .. case, 'json')
+  if json then out[#out + 1] = json end
+end
+return out
+"#;
+
+/// KEYS[1]: `contact-id:{id}`; ARGV[1]: the contact key prefix.
+const CONTACT_BY_ID_LUA: &str = r#"
+local key = redis.call('GET', KEYS[1])
+if not key then return false end
+return redis.call('HGET', ARGV[1] .. key, 'json')
+"#;
+
+/// KEYS[1]: due set, KEYS[2]: jobs hash; ARGV: now score, until score, limit.
+/// Atomic, so two workers never lease the same job at once.
+const OUTBOX_LEASE_LUA: &str = r#"
+local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, ARGV[3])
+local out = {}
+for _, id in ipairs(ids) do
+  local job = redis.call('HGET', KEYS[2], id)
+  if job then
+    redis.call('ZADD', KEYS[1], ARGV[2], id)
+    out[#out + 1] = job
+  else
+    redis.call('ZREM', KEYS[1], id)
+  end
+end
+return out
+"#;
+
+/// KEYS[1]: due set, KEYS[2]: jobs hash; ARGV: id, score, record JSON.
+/// Only a job still in the outbox is put back (it may have been delivered).
+const OUTBOX_RESCHEDULE_LUA: &str = r#"
+if redis.call('HEXISTS', KEYS[2], ARGV[1]) == 0 then return 0 end
+redis.call('HSET', KEYS[2], ARGV[1], ARGV[3])
+redis.call('ZADD', KEYS[1], ARGV[2], ARGV[1])
+return 1
+"#;
+
+/// KEYS[1]: the lease; ARGV: owner, ttl ms. Taken when free, renewed only by its owner.
+const TRY_LEASE_LUA: &str = r#"
+if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return 1 end
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  return 1
+end
+return 0
+"#;
+
+/// The key layout (see the module table).
+#[derive(Clone)]
+struct Keys {
+    prefix: String,
+}
+
+impl Keys {
+    fn interaction_prefix(&self) -> String {
+        format!("{}:interaction:", self.prefix)
+    }
+    fn interaction(&self, case: u64) -> String {
+        format!("{}:interaction:{case}", self.prefix)
+    }
+    fn queue(&self, queue: &str) -> String {
+        format!("{}:queue:{queue}", self.prefix)
+    }
+    fn assigned(&self, agent: &str) -> String {
+        format!("{}:assigned:{agent}", self.prefix)
+    }
+    fn contact_prefix(&self) -> String {
+        format!("{}:contact:", self.prefix)
+    }
+    fn contact(&self, key: &str) -> String {
+        format!("{}:contact:{key}", self.prefix)
+    }
+    fn contact_id(&self, id: &str) -> String {
+        format!("{}:contact-id:{id}", self.prefix)
+    }
+    fn claim(&self, key: &str) -> String {
+        format!("{}:claim:{key}", self.prefix)
+    }
+    fn case_counter(&self) -> String {
+        format!("{}:case", self.prefix)
+    }
+    fn routing(&self) -> String {
+        format!("{}:routing", self.prefix)
+    }
+    fn routing_last(&self) -> String {
+        format!("{}:routing:last", self.prefix)
+    }
+    fn outbox_due(&self) -> String {
+        format!("{}:outbox", self.prefix)
+    }
+    fn outbox_jobs(&self) -> String {
+        format!("{}:outbox:jobs", self.prefix)
+    }
+    fn blob(&self, id: &str) -> String {
+        format!("{}:blob:{id}", self.prefix)
+    }
+    fn notes(&self, agent: &str) -> String {
+        format!("{}:notes:{agent}", self.prefix)
+    }
+    fn kv(&self, key: &str) -> String {
+        format!("{}:kv:{key}", self.prefix)
+    }
+    fn lease(&self, name: &str) -> String {
+        format!("{}:lease:{name}", self.prefix)
+    }
+}
+
+struct Scripts {
+    commit: Script,
+    next_case: Script,
+    interactions_for: Script,
+    contact_by_id: Script,
+    outbox_lease: Script,
+    outbox_reschedule: Script,
+    try_lease: Script,
+}
+
+impl Scripts {
+    fn new() -> Scripts {
+        Scripts {
+            commit: Script::new(COMMIT_LUA),
+            next_case: Script::new(NEXT_CASE_LUA),
+            interactions_for: Script::new(INTERACTIONS_FOR_LUA),
+            contact_by_id: Script::new(CONTACT_BY_ID_LUA),
+            outbox_lease: Script::new(OUTBOX_LEASE_LUA),
+            outbox_reschedule: Script::new(OUTBOX_RESCHEDULE_LUA),
+            try_lease: Script::new(TRY_LEASE_LUA),
+        }
+    }
+}
+
+pub struct RedisStore {
+    pool: Pool,
+    keys: Keys,
+    scripts: Scripts,
+    retention_ms: u64,
+    events: broadcast::Sender<Event>,
+    /// Stops the stream follower when the store is dropped.
+    _follower: DropGuard,
+}
+
+fn unavailable(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Unavailable(e.to_string())
+}
+
+fn json<T: serde::Serialize>(v: &T) -> String {
+    serde_json::to_string(v).expect("records always serialize")
+}
+
+fn parse<T: serde::de::DeserializeOwned>(what: &str, s: &str) -> StoreResult<T> {
+    serde_json::from_str(s).map_err(|e| unavailable(format!("unreadable {what} record: {e}")))
+}
+
+/// An outbox score: microseconds since the epoch (exact in a double until
+/// the year 2255), so "due by now" compares as precisely as the embedded store.
+fn score(t: DateTime<Utc>) -> String {
+    t.timestamp_micros().to_string()
+}
+
+/// An event read back from the stream; its ID is the entry ID.
+fn stream_event(id: &str, map: &std::collections::HashMap<String, redis::Value>) -> Option<Event> {
+    let raw: String = redis::from_redis_value(map.get("event")?).ok()?;
+    match serde_json::from_str::<Event>(&raw) {
+        Ok(mut e) => {
+            e.id = id.to_string();
+            Some(e)
+        }
+        Err(e) => {
+            tracing::warn!(id, error = %e, "skipping an unreadable routing event");
+            None
+        }
+    }
+}
+
+impl RedisStore {
+    /// Connects to `url` (checking that Redis answers), keeping every key
+    /// under `{key_prefix}:` and events at least `retention` long.
+    pub async fn connect(
+        url: &str,
+        key_prefix: &str,
+        retention: Duration,
+    ) -> anyhow::Result<Arc<RedisStore>> {
+        let mut cfg = Config::from_url(url);
+        cfg.pool = Some(PoolConfig {
+            timeouts: Timeouts {
+                wait: Some(POOL_TIMEOUT),
+                create: Some(POOL_TIMEOUT),
+                recycle: Some(POOL_TIMEOUT),
+            },
+            ..PoolConfig::default()
+        });
+        let pool = cfg.create_pool(Some(Runtime::Tokio1))?;
+        let keys = Keys {
+            prefix: key_prefix.to_string(),
+        };
+        // Fail fast on a wrong URL, and learn where the stream ends now so the
+        // follower forwards every event committed after `connect` returns.
+        let start = {
+            let mut conn = pool.get().await?;
+            let _: String = redis::cmd("PING").query_async(&mut conn).await?;
+            let last: StreamRangeReply = conn.xrevrange_count(keys.routing(), "+", "-", 1).await?;
+            last.ids
+                .first()
+                .map(|e| e.id.clone())
+                .unwrap_or_else(|| "0-0".into())
+        };
+        let (events, _) = broadcast::channel(4096);
+        let cancel = CancellationToken::new();
+        let client = redis::Client::open(url)?;
+        tokio::spawn(follow(
+            client,
+            keys.routing(),
+            start,
+            events.clone(),
+            cancel.clone(),
+        ));
+        Ok(Arc::new(RedisStore {
+            pool,
+            keys,
+            scripts: Scripts::new(),
+            retention_ms: u64::try_from(retention.as_millis()).unwrap_or(u64::MAX),
+            events,
+            _follower: cancel.drop_guard(),
+        }))
+    }
+
+    async fn conn(&self) -> StoreResult<deadpool_redis::Connection> {
+        self.pool.get().await.map_err(unavailable)
+    }
+}
+
+/// Follows `{p}:routing` from `cursor` and forwards each entry to `tx`, on a
+/// connection of its own because `XREAD BLOCK` holds it. On any error it
+/// waits (up to 5 s, doubling) and reconnects, resuming after the last entry
+/// it forwarded, so subscribers miss nothing the stream still holds.
+async fn follow(
+    client: redis::Client,
+    stream: String,
+    mut cursor: String,
+    tx: broadcast::Sender<Event>,
+    cancel: CancellationToken,
+) {
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        let conn = tokio::select! {
+            _ = cancel.cancelled() => return,
+            c = client.get_multiplexed_async_connection() => c,
+        };
+        match conn {
+            Ok(mut conn) => loop {
+                let mut cmd = redis::cmd("XREAD");
+                cmd.arg("COUNT")
+                    .arg(FOLLOW_BATCH)
+                    .arg("BLOCK")
+                    .arg(FOLLOW_BLOCK_MS)
+                    .arg("STREAMS")
+                    .arg(&stream)
+                    .arg(&cursor);
+                let read = cmd.query_async::<Option<StreamReadReply>>(&mut conn);
+                let reply = tokio::select! {
+                    _ = cancel.cancelled() => return,
+                    r = read => r,
+                };
+                match reply {
+                    Ok(reply) => {
+                        backoff = Duration::from_millis(100);
+                        for key in reply.map(|r| r.keys).unwrap_or_default() {
+                            for entry in key.ids {
+                                if let Some(e) = stream_event(&entry.id, &entry.map) {
+                                    // No receiver is not an error: nobody listens yet.
+                                    let _ = tx.send(e);
+                                }
+                                cursor = entry.id;
+                            }
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "routing stream follower lost its connection");
+                        break;
+                    }
+                }
+            },
+            Err(e) => tracing::warn!(error = %e, "routing stream follower cannot connect"),
+        }
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tokio::time::sleep(backoff) => {}
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(5));
+    }
+}
+
+#[async_trait]
+impl Store for RedisStore {
+    async fn commit(&self, commit: Commit) -> StoreResult<Vec<Event>> {
+        let k = &self.keys;
+        let mut payload = serde_json::json!({
+            "claims": commit
+                .claims
+                .iter()
+                .map(|c| [c.key.clone(), k.claim(&c.key), c.value.clone()])
+                .collect::<Vec<_>>(),
+            "index": commit
+                .index
+                .iter()
+                .map(|c| [k.claim(&c.key), c.value.clone()])
+                .collect::<Vec<_>>(),
+            "events": commit.events.iter().map(json).collect::<Vec<_>>(),
+            "stream": k.routing(),
+            "stream_last": k.routing_last(),
+            "retention_ms": self.retention_ms.to_string(),
+            "case_counter": k.case_counter(),
+            "case_start": CASE_COUNTER_START.to_string(),
+            "outbox_due": k.outbox_due(),
+            "outbox_jobs": k.outbox_jobs(),
+            "outbox_add": commit
+                .outbox_add
+                .iter()
+                .map(|j| [j.id.clone(), score(j.due_at), json(&OutboxRecord::V1(j.clone()))])
+                .collect::<Vec<_>>(),
+            "outbox_remove": commit.outbox_remove,
+        });
+        if let Some(c) = &commit.contact {
+            let stored = Contact {
+                version: c.version + 1,
+                ..c.clone()
+            };
+            payload["contact"] = serde_json::json!({
+                "key": k.contact(&c.key),
+                "expect": c.version.to_string(),
+                "next": stored.version.to_string(),
+                "json": json(&stored),
+                "id_key": k.contact_id(&c.id),
+                "domain_key": c.key,
+            });
+        }
+        if let Some(i) = &commit.interaction {
+            let stored = Interaction {
+                version: i.version + 1,
+                ..i.clone()
+            };
+            payload["interaction"] = serde_json::json!({
+                "key": k.interaction(i.case_number),
+                "case": i.case_number.to_string(),
+                "expect": i.version.to_string(),
+                "next": stored.version.to_string(),
+                "json": json(&stored),
+                "qkey": k.queue(&i.queue),
+                "akey": i.assigned_to.as_deref().map(|a| k.assigned(a)).unwrap_or_default(),
+            });
+        }
+        let mut conn = self.conn().await?;
+        let reply: Vec<String> = self
+            .scripts
+            .commit
+            .arg(payload.to_string())
+            .invoke_async(&mut conn)
+            .await
+            .map_err(unavailable)?;
+        match reply.first().map(String::as_str) {
+            Some("ok") if reply.len() == commit.events.len() + 1 => Ok(reply
+                .into_iter()
+                .skip(1)
+                .zip(commit.events)
+                .map(|(id, draft)| Event::from_draft(id, draft))
+                .collect()),
+            Some("conflict") => Err(StoreError::Conflict),
+            Some("duplicate") if reply.len() == 3 => Err(StoreError::Duplicate {
+                key: reply[1].clone(),
+                value: reply[2].clone(),
+            }),
+            _ => Err(unavailable(format!(
+                "unexpected answer from the commit script: {reply:?}"
+            ))),
+        }
+    }
+
+    async fn next_case_number(&self) -> StoreResult<u64> {
+        let mut conn = self.conn().await?;
+        self.scripts
+            .next_case
+            .key(self.keys.case_counter())
+            .arg(CASE_COUNTER_START)
+            .invoke_async(&mut conn)
+            .await
+            .map_err(unavailable)
+    }
+
+    async fn interaction(&self, case_number: u64) -> StoreResult<Option<Interaction>> {
+        let mut conn = self.conn().await?;
+        let raw: Option<String> = conn
+            .hget(self.keys.interaction(case_number), "json")
+            .await
+            .map_err(unavailable)?;
+        raw.map(|s| parse("interaction", &s)).transpose()
+    }
+
+    async fn interactions_for(
+        &self,
+        queues: &[String],
+        agent: Option<&str>,
+    ) -> StoreResult<Vec<Interaction>> {
+        let mut sets: Vec<String> = queues.iter().map(|q| self.keys.queue(q)).collect();
+        if let Some(a) = agent {
+            sets.push(self.keys.assigned(a));
+        }
+        if sets.is_empty() {
+            return Ok(vec![]);
+        }
+        let mut conn = self.conn().await?;
+        let raw: Vec<String> = self
+            .scripts
+            .interactions_for
+            .key(sets)
+            .arg(self.keys.interaction_prefix())
+            .invoke_async(&mut conn)
+            .await
+            .map_err(unavailable)?;
+        raw.iter().map(|s| parse("interaction", s)).collect()
+    }
+
+    async fn contact(&self, key: &str) -> StoreResult<Option<Contact>> {
+        let mut conn = self.conn().await?;
+        let raw: Option<String> = conn
+            .hget(self.keys.contact(key), "json")
+            .await
+            .map_err(unavailable)?;
+        raw.map(|s| parse("contact", &s)).transpose()
+    }
+
+    async fn contact_by_id(&self, id: &str) -> StoreResult<Option<Contact>> {
+        let mut conn = self.conn().await?;
+        let raw: Option<String> = self
+            .scripts
+            .contact_by_id
+            .key(self.keys.contact_id(id))
+            .arg(self.keys.contact_prefix())
+            .invoke_async(&mut conn)
+            .await
+            .map_err(unavailable)?;
+        raw.map(|s| parse("contact", &s)).transpose()
+    }
+
+    async fn lookup(&self, key: &str) -> StoreResult<Option<String>> {
+        let mut conn = self.conn().await?;
+        conn.get(self.keys.claim(key)).await.map_err(unavailable)
+    }
+
+    async fn note(&self, agent: &str, contact_id: &str) -> StoreResult<Option<String>> {
+        let mut conn = self.conn().await?;
+        conn.hget(self.keys.notes(agent), contact_id)
+            .await
+            .map_err(unavailable)
+    }
+
+    async fn put_note(&self, agent: &str, contact_id: &str, notes: &str) -> StoreResult<()> {
+        let mut conn = self.conn().await?;
+        conn.hset(self.keys.notes(agent), contact_id, notes)
+            .await
+            .map_err(unavailable)
+    }
+
+    async fn events_after(&self, after: Option<&str>, limit: usize) -> StoreResult<Vec<Event>> {
+        if limit == 0 {
+            return Ok(vec![]);
+        }
+        // As on the embedded store, an `after` that is no event ID starts at the oldest.
+        let start = match after.and_then(parse_event_id) {
+            Some((ms, seq)) => format!("({ms}-{seq}"),
+            None => "-".to_string(),
+        };
+        let mut conn = self.conn().await?;
+        let reply: StreamRangeReply = conn
+            .xrange_count(self.keys.routing(), start, "+", limit)
+            .await
+            .map_err(unavailable)?;
+        Ok(reply
+            .ids
+            .iter()
+            .filter_map(|e| stream_event(&e.id, &e.map))
+            .collect())
+    }
+
+    fn subscribe(&self) -> broadcast::Receiver<Event> {
+        self.events.subscribe()
+    }
+
+    async fn outbox_lease(
+        &self,
+        now: DateTime<Utc>,
+        lease: Duration,
+        limit: usize,
+    ) -> StoreResult<Vec<OutboxJob>> {
+        if limit == 0 {
+            return Ok(vec![]);
+        }
+        let until = now + chrono::Duration::from_std(lease).unwrap_or_default();
+        let mut conn = self.conn().await?;
+        let raw: Vec<String> = self
+            .scripts
+            .outbox_lease
+            .key(self.keys.outbox_due())
+            .key(self.keys.outbox_jobs())
+            .arg(score(now))
+            .arg(score(until))
+            .arg(limit)
+            .invoke_async(&mut conn)
+            .await
+            .map_err(unavailable)?;
+        raw.iter()
+            .map(|s| parse::<OutboxRecord>("outbox", s).map(|OutboxRecord::V1(job)| job))
+            .collect()
+    }
+
+    async fn outbox_reschedule(&self, job: &OutboxJob) -> StoreResult<()> {
+        let mut conn = self.conn().await?;
+        let _: i64 = self
+            .scripts
+            .outbox_reschedule
+            .key(self.keys.outbox_due())
+            .key(self.keys.outbox_jobs())
+            .arg(&job.id)
+            .arg(score(job.due_at))
+            .arg(json(&OutboxRecord::V1(job.clone())))
+            .invoke_async(&mut conn)
+            .await
+            .map_err(unavailable)?;
+        Ok(())
+    }
+
+    async fn outbox_depth(&self) -> StoreResult<u64> {
+        let mut conn = self.conn().await?;
+        conn.zcard(self.keys.outbox_due())
+            .await
+            .map_err(unavailable)
+    }
+
+    async fn put_blob(&self, id: &str, bytes: &[u8]) -> StoreResult<()> {
+        let mut conn = self.conn().await?;
+        conn.set(self.keys.blob(id), bytes)
+            .await
+            .map_err(unavailable)
+    }
+
+    async fn blob(&self, id: &str) -> StoreResult<Option<Vec<u8>>> {
+        let mut conn = self.conn().await?;
+        conn.get(self.keys.blob(id)).await.map_err(unavailable)
+    }
+
+    async fn kv_get(&self, key: &str) -> StoreResult<Option<String>> {
+        let mut conn = self.conn().await?;
+        conn.get(self.keys.kv(key)).await.map_err(unavailable)
+    }
+
+    async fn kv_set(&self, key: &str, value: &str) -> StoreResult<()> {
+        let mut conn = self.conn().await?;
+        conn.set(self.keys.kv(key), value)
+            .await
+            .map_err(unavailable)
+    }
+
+    async fn try_lease(&self, name: &str, owner: &str, ttl: Duration) -> StoreResult<bool> {
+        let ttl_ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1);
+        let mut conn = self.conn().await?;
+        let taken: i64 = self
+            .scripts
+            .try_lease
+            .key(self.keys.lease(name))
+            .arg(owner)
+            .arg(ttl_ms)
+            .invoke_async(&mut conn)
+            .await
+            .map_err(unavailable)?;
+        Ok(taken == 1)
+    }
+
+    async fn ping(&self) -> StoreResult<()> {
+        let mut conn = self.conn().await?;
+        let _: String = redis::cmd("PING")
+            .query_async(&mut conn)
+            .await
+            .map_err(unavailable)?;
+        Ok(())
+    }
+}

@@ -1,0 +1,232 @@
+//! The composition root: `Application::build(settings)` opens the store,
+//! builds the channels, binds the listener (port 0 works) and starts the
+//! workers. `serve` and the black-box tests build the same application.
+
+use crate::adapters::{media::MediaClient, sms};
+use crate::config::{Backend, Settings};
+use crate::domain::{new_secret, ChannelKind};
+use crate::gateway::{ChannelRuntime, Gateway};
+use crate::http::{self, auth::Tokens, State};
+use crate::manifest;
+use crate::metrics::Metrics;
+use crate::store::{
+    embedded::EmbeddedStore, redis::RedisStore, Claim, Commit, DynStore, StoreError,
+};
+use actix_web::{dev::Server, web, App, HttpServer};
+use anyhow::Context;
+use std::collections::HashMap;
+use std::net::TcpListener;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::Notify;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+pub struct Application {
+    port: u16,
+    url: String,
+    pub gateway: Arc<Gateway>,
+    server: Server,
+    shutdown: CancellationToken,
+    workers: Vec<JoinHandle<()>>,
+}
+
+/// Opens the configured store.
+pub async fn open_store(settings: &Settings) -> anyhow::Result<DynStore> {
+    let retention = Duration::from_secs(settings.routing.retention_hours * 3600);
+    Ok(match settings.store.backend {
+        Backend::Embedded => {
+            EmbeddedStore::open(&settings.store.path, retention).with_context(|| {
+                format!(
+                    "opening the embedded store at {}",
+                    settings.store.path.display()
+                )
+            })?
+        }
+        Backend::Redis => RedisStore::connect(
+            &settings.store.redis_url,
+            &settings.store.key_prefix,
+            retention,
+        )
+        .await
+        .with_context(|| format!("connecting to Redis at {}", settings.store.redis_url))?,
+    })
+}
+
+/// The secret that signs public media links, shared by every process on one store.
+async fn media_secret(store: &DynStore) -> anyhow::Result<Vec<u8>> {
+    let candidate = new_secret();
+    let commit = Commit {
+        claims: vec![Claim {
+            key: "media-secret".into(),
+            value: candidate.clone(),
+        }],
+        ..Commit::default()
+    };
+    match store.commit(commit).await {
+        Ok(_) => Ok(candidate.into_bytes()),
+        Err(StoreError::Duplicate { value, .. }) => Ok(value.into_bytes()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Builds the runtime of every configured channel.
+pub fn build_channels(settings: &Settings) -> anyhow::Result<HashMap<String, Arc<ChannelRuntime>>> {
+    let public_url = settings.server.public_url();
+    let mut out = HashMap::new();
+    for c in &settings.channels {
+        let m = manifest::get(c.kind);
+        let runtime = match c.kind {
+            ChannelKind::Sms => {
+                let adapter = Arc::new(
+                    sms::SmsChannel::new(c, &public_url)
+                        .map_err(|e| anyhow::anyhow!("channel {}: {e}", c.id))?,
+                );
+                ChannelRuntime {
+                    config: c.clone(),
+                    manifest: m,
+                    intake: adapter.clone(),
+                    outbound: adapter,
+                    media: MediaClient::new(c, m, sms::media_credentials(c)),
+                }
+            }
+            other => anyhow::bail!("channel {}: {other} channels are not supported yet", c.id),
+        };
+        out.insert(c.id.clone(), Arc::new(runtime));
+    }
+    Ok(out)
+}
+
+impl Application {
+    pub async fn build(mut settings: Settings) -> anyhow::Result<Application> {
+        let listener = TcpListener::bind(&settings.server.listen)
+            .with_context(|| format!("binding {}", settings.server.listen))?;
+        let addr = listener.local_addr()?;
+        let url = format!("http://{addr}");
+        settings.server.listen = addr.to_string();
+        if settings.server.public_url.is_none() {
+            settings.server.public_url = Some(url.clone());
+        }
+        if settings.demo {
+            crate::demo::point_at_sandbox(&mut settings);
+        }
+        let settings = settings.validate()?;
+        let store = open_store(&settings).await?;
+        let media_secret = media_secret(&store).await?;
+        let channels = build_channels(&settings)?;
+        let gateway = Arc::new(Gateway {
+            settings: Arc::new(settings.clone()),
+            store,
+            channels,
+            metrics: Metrics::new(),
+            outbox_wake: Notify::new(),
+            media_secret,
+        });
+        let shutdown = CancellationToken::new();
+        let state = web::Data::new(State {
+            gateway: gateway.clone(),
+            tokens: Tokens::from_settings(&settings),
+            shutdown: shutdown.clone(),
+        });
+        let demo = settings.demo;
+        let server = HttpServer::new(move || {
+            let app = App::new()
+                .app_data(state.clone())
+                .app_data(web::PayloadConfig::new(2 * 1024 * 1024))
+                .wrap(tracing_actix())
+                .configure(http::configure)
+                .default_service(web::to(http::no_route));
+            if demo {
+                app.configure(crate::demo::configure_sandbox)
+            } else {
+                app
+            }
+        })
+        .workers(2)
+        .disable_signals()
+        .shutdown_timeout(10)
+        .listen(listener)?
+        .run();
+
+        let mut workers = vec![tokio::spawn(crate::outbox::run(
+            gateway.clone(),
+            shutdown.clone(),
+        ))];
+        let owner = crate::domain::new_id();
+        for (i, sink) in settings.event_sinks.iter().enumerate() {
+            workers.push(tokio::spawn(crate::routing::run_sink(
+                gateway.clone(),
+                i,
+                sink.clone(),
+                owner.clone(),
+                shutdown.clone(),
+            )));
+        }
+        Ok(Application {
+            port: addr.port(),
+            url,
+            gateway,
+            server,
+            shutdown,
+            workers,
+        })
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// A token that stops the application when cancelled (as SIGTERM does).
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.shutdown.clone()
+    }
+
+    /// Serves until SIGTERM/SIGINT or the shutdown token, then drains:
+    /// stops accepting, finishes in-flight requests and the delivery in progress.
+    pub async fn run_until_stopped(self) -> anyhow::Result<()> {
+        let handle = self.server.handle();
+        let token = self.shutdown.clone();
+        let stopper = tokio::spawn(async move {
+            wait_for_signal(&token).await;
+            token.cancel();
+            handle.stop(true).await;
+        });
+        self.server.await?;
+        self.shutdown.cancel();
+        for w in self.workers {
+            let _ = w.await;
+        }
+        stopper.abort();
+        Ok(())
+    }
+}
+
+async fn wait_for_signal(token: &CancellationToken) {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+        let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM: draining"),
+            _ = int.recv() => tracing::info!("SIGINT: draining"),
+            _ = token.cancelled() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = token.cancelled() => {}
+        }
+    }
+}
+
+/// A request span per HTTP request (method, path, status), at debug level.
+fn tracing_actix() -> actix_web::middleware::Logger {
+    actix_web::middleware::Logger::new("%r %s %Dms").log_target("switchboard::http")
+}

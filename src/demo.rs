@@ -1,0 +1,192 @@
+//! The demo: a built-in configuration and a sandbox provider, so that
+//! `cargo run --release` works fully offline.
+//!
+//! Every demo channel points at the sandbox under `/sandbox/` (mounted in
+//! demo mode only). The sandbox accepts sends the way the provider does and
+//! then reports them delivered through the provider's own signed status
+//! callbacks, so the whole path in and out runs without any account.
+
+use crate::adapters::sms;
+use crate::config::{AgentConfig, QueueConfig, QueueKind, ServiceConfig, Settings};
+use crate::domain::new_id;
+use crate::http::State;
+use actix_web::{web, HttpRequest, HttpResponse};
+use serde_json::json;
+use std::collections::HashMap;
+
+/// Demo channel secrets are fixed so that `switchboard simulate` can sign
+/// webhooks for a running demo without reading anything from it.
+pub const DEMO_TWILIO_ACCOUNT_SID: &str = "AC00000000000000000000000000000000";
+pub const DEMO_TWILIO_AUTH_TOKEN: &str = "demo-twilio-auth-token";
+
+/// The demo configuration, with fresh random agent and service tokens.
+pub fn settings() -> Settings {
+    let mut s: Settings = toml::from_str(&format!(
+        r#"
+demo = true
+
+[store]
+path = "./data"
+
+[[queues]]
+id = "support"
+name = "Support"
+kind = "digital"
+
+[[queues]]
+id = "sales"
+name = "Sales"
+kind = "digital"
+
+[[queues]]
+id = "tea-time"
+name = "Tea time"
+kind = "digital"
+
+[[queues]]
+id = "omni"
+name = "Omnichannel"
+kind = "omnichannel"
+
+[[queues]]
+id = "outbound-sms"
+name = "Outbound SMS"
+kind = "outbound_sms"
+
+[[queues]]
+id = "outbound-email"
+name = "Outbound email"
+kind = "outbound_email"
+
+[[channels]]
+id = "sms-main"
+kind = "sms"
+name = "SMS +1 415 555 0100"
+queue = "support"
+account_sid = "{DEMO_TWILIO_ACCOUNT_SID}"
+auth_token = "{DEMO_TWILIO_AUTH_TOKEN}"
+from = "+14155550100"
+"#
+    ))
+    .expect("the demo configuration parses");
+    s.agents = vec![
+        AgentConfig {
+            id: "anne".into(),
+            name: "Anne Shirley".into(),
+            token_sha256: None,
+            token: Some(crate::domain::new_secret()),
+            queues: s.queues.iter().map(|q| q.id.clone()).collect(),
+            can_transfer: true,
+        },
+        AgentConfig {
+            id: "bob".into(),
+            name: "Bob Cratchit".into(),
+            token_sha256: None,
+            token: Some(crate::domain::new_secret()),
+            queues: vec!["support".into(), "sales".into()],
+            can_transfer: true,
+        },
+    ];
+    s.services = vec![ServiceConfig {
+        id: "router".into(),
+        token_sha256: None,
+        token: Some(crate::domain::new_secret()),
+    }];
+    let _: &Vec<QueueConfig> = &s.queues;
+    debug_assert!(s.queues.iter().any(|q| q.kind == QueueKind::OutboundSms));
+    s
+}
+
+/// Points every demo channel's provider API at the sandbox of this process.
+pub fn point_at_sandbox(s: &mut Settings) {
+    let base = s.server.public_url();
+    for c in &mut s.channels {
+        if c.kind == crate::domain::ChannelKind::Sms {
+            c.api_base = Some(format!("{base}/sandbox/twilio"));
+        }
+        let host = url::Url::parse(&base)
+            .ok()
+            .and_then(|u| u.host_str().map(str::to_string))
+            .unwrap_or_else(|| "127.0.0.1".into());
+        c.media_hosts = Some(vec![host]);
+    }
+}
+
+pub fn configure_sandbox(cfg: &mut web::ServiceConfig) {
+    cfg.route(
+        "/sandbox/twilio/2010-04-01/Accounts/{sid}/Messages.json",
+        web::post().to(twilio_send),
+    );
+}
+
+/// Accepts a send as Twilio's Messages API does, then reports it sent and
+/// delivered through signed status callbacks.
+async fn twilio_send(
+    state: web::Data<State>,
+    path: web::Path<String>,
+    req: HttpRequest,
+    body: web::Bytes,
+) -> HttpResponse {
+    let g = state.gateway.clone();
+    let Some(ch) = g
+        .settings
+        .channels
+        .iter()
+        .find(|c| c.str("account_sid") == Some(path.as_str()))
+        .cloned()
+    else {
+        return HttpResponse::NotFound().json(json!({"code": 20404, "message": "The requested resource was not found", "status": 404}));
+    };
+    let authorized = req
+        .headers()
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Basic "))
+        .and_then(|b| base64::Engine::decode(&base64::engine::general_purpose::STANDARD, b).ok())
+        .is_some_and(|creds| {
+            creds == format!("{}:{}", path, ch.str("auth_token").unwrap_or("")).into_bytes()
+        });
+    if !authorized {
+        return HttpResponse::Unauthorized()
+            .json(json!({"code": 20003, "message": "Authenticate", "status": 401}));
+    }
+    let form: Vec<(String, String)> = serde_urlencoded::from_bytes(&body).unwrap_or_default();
+    let get = |k: &str| form.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
+    let (Some(to), Some(callback)) = (get("To"), get("StatusCallback")) else {
+        return HttpResponse::BadRequest().json(
+            json!({"code": 21604, "message": "A 'To' phone number is required.", "status": 400}),
+        );
+    };
+    let sid = format!("SM{}", new_id());
+    let public_url = g.settings.server.public_url();
+    let sid2 = sid.clone();
+    tokio::spawn(async move {
+        let http = reqwest::Client::new();
+        for status in ["sent", "delivered"] {
+            tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+            let r = sms::simulate_status(&ch, &public_url, &sid2, status, None);
+            let target = if callback.starts_with(&public_url) {
+                callback.clone()
+            } else {
+                format!("{public_url}{}", r.path)
+            };
+            let mut rb = http
+                .post(&target)
+                .header("content-type", r.content_type.clone());
+            for (k, v) in &r.headers {
+                rb = rb.header(k, v);
+            }
+            if let Err(e) = rb.body(r.body.clone()).send().await {
+                tracing::warn!(error = %e, "sandbox status callback failed");
+            }
+        }
+    });
+    let mut extra = HashMap::new();
+    extra.insert("num_media", get("MediaUrl").map(|_| "1").unwrap_or("0"));
+    HttpResponse::Created().json(json!({
+        "sid": sid, "account_sid": path.into_inner(), "to": to, "from": get("From"),
+        "messaging_service_sid": get("MessagingServiceSid"), "body": get("Body").unwrap_or_default(),
+        "status": "queued", "num_segments": "1", "num_media": extra["num_media"], "direction": "outbound-api",
+        "api_version": "2010-04-01", "error_code": null, "error_message": null,
+    }))
+}

@@ -1,0 +1,81 @@
+//! Routes only: every handler parses the request, calls the gateway and
+//! shapes the answer. No business rule lives here.
+//!
+//! [`ROUTES`] lists every route once; it drives both the router's
+//! documentation (`/openapi.json`) and a test that checks each is served.
+
+pub mod agents;
+pub mod auth;
+pub mod ops;
+pub mod problem;
+pub mod webhooks;
+
+use crate::gateway::Gateway;
+use actix_web::web;
+use std::sync::Arc;
+
+/// Shared state of every handler.
+pub struct State {
+    pub gateway: Arc<Gateway>,
+    pub tokens: auth::Tokens,
+    /// Stopped when the process shuts down (ends SSE streams and long polls).
+    pub shutdown: tokio_util::sync::CancellationToken,
+}
+
+/// One documented route: method, path, who may call it, what it does.
+pub struct RouteDoc {
+    pub method: &'static str,
+    pub path: &'static str,
+    pub auth: &'static str,
+    pub summary: &'static str,
+}
+
+macro_rules! routes {
+    ($( $m:literal $p:literal $a:literal $s:literal ;)*) => {
+        pub const ROUTES: &[RouteDoc] = &[ $( RouteDoc { method: $m, path: $p, auth: $a, summary: $s } ),* ];
+    };
+}
+
+routes! {
+    "get" "/webhooks/{channel_id}" "provider" "Provider handshakes (Meta hub challenge, X CRC)";
+    "post" "/webhooks/{channel_id}" "provider" "Inbound messages and delivery statuses, verified by the provider's signature";
+    "get" "/media/{token}" "link" "An outbound attachment under an unguessable, expiring link (providers fetch it)";
+    "get" "/api/v1/me" "agent" "The caller, their queues and unread count";
+    "get" "/api/v1/queues" "agent" "Every queue with its kind and whether the caller is a member";
+    "get" "/api/v1/channels" "agent" "Channels with their capabilities and limits";
+    "get" "/api/v1/tags" "agent" "Tags in use in the caller's queues";
+    "get" "/api/v1/interactions" "agent" "The caller's interactions: view, status, tag, sort, limit, cursor";
+    "get" "/api/v1/interactions/{case_number}" "agent" "One interaction with its messages";
+    "patch" "/api/v1/interactions/{case_number}" "agent" "Change tags, priority, contact_name, related_name, related_case";
+    "post" "/api/v1/interactions/{case_number}/assign" "agent" "Take it (agent) or give it (service, {agent})";
+    "post" "/api/v1/interactions/{case_number}/replies" "agent" "Reply (JSON {text} or multipart with attachments); honours Idempotency-Key";
+    "post" "/api/v1/interactions/{case_number}/resolve" "agent" "Set as resolved without sending";
+    "post" "/api/v1/interactions/{case_number}/end" "agent" "End with a disposition";
+    "post" "/api/v1/interactions/{case_number}/transfer" "agent" "Transfer to another digital queue";
+    "get" "/api/v1/interactions/{case_number}/contact" "agent" "Contact details, the caller's notes, history";
+    "put" "/api/v1/contacts/{contact_id}/notes" "agent" "Save the caller's private notes on a contact";
+    "post" "/api/v1/outbound/sms" "agent" "Start an outbound SMS (agents of an outbound_sms queue)";
+    "post" "/api/v1/sms/preview" "agent" "Encoding and segment count of an SMS text";
+    "get" "/api/v1/attachments/{id}" "agent" "Download an attachment";
+    "get" "/api/v1/events" "agent" "Server-Sent Events of changes in the caller's queues";
+    "get" "/api/v1/routing/events" "service" "The routing feed: after, wait (long poll)";
+    "post" "/agent/session" "none" "Sign in: {token} sets the session cookie";
+    "delete" "/agent/session" "none" "Sign out";
+    "get" "/healthz" "none" "Liveness";
+    "get" "/readyz" "none" "Readiness: the store answers; channel health in the body";
+    "get" "/metrics" "none" "Prometheus metrics";
+    "get" "/openapi.json" "none" "This API's description";
+}
+
+pub fn configure(cfg: &mut web::ServiceConfig) {
+    webhooks::configure(cfg);
+    agents::configure(cfg);
+    ops::configure(cfg);
+}
+
+/// What an unknown route answers: a problem, like every other error.
+pub async fn no_route(req: actix_web::HttpRequest) -> actix_web::HttpResponse {
+    use actix_web::ResponseError;
+    problem::ApiError::not_found(format!("no route for {} {}", req.method(), req.path()))
+        .error_response()
+}

@@ -1,0 +1,125 @@
+//! Provider-side routes: handshakes and webhooks, verified before anything is read.
+
+use super::problem::{ApiError, ApiResult};
+use super::State;
+use crate::adapters::RawRequest;
+use actix_web::{web, HttpRequest, HttpResponse};
+use futures_util::StreamExt;
+
+pub fn configure(cfg: &mut web::ServiceConfig) {
+    cfg.service(
+        web::resource("/webhooks/{channel_id}")
+            .route(web::get().to(handshake))
+            .route(web::post().to(webhook)),
+    )
+    .route(
+        "/media/{token}",
+        web::get().to(crate::http::agents::public_media),
+    );
+}
+
+async fn handshake(
+    state: web::Data<State>,
+    path: web::Path<String>,
+    req: HttpRequest,
+) -> ApiResult<HttpResponse> {
+    let ch = state.gateway.channel(&path)?;
+    match ch.intake.handshake(req.query_string()) {
+        None => Err(ApiError::new(
+            405,
+            "not_permitted",
+            format!("{} channels have no handshake", ch.config.kind),
+        )),
+        Some(Err(e)) => Err(crate::gateway::GatewayError::from(e).into()),
+        Some(Ok(ack)) => Ok(HttpResponse::build(
+            actix_web::http::StatusCode::from_u16(ack.status)
+                .unwrap_or(actix_web::http::StatusCode::OK),
+        )
+        .content_type(ack.content_type)
+        .body(ack.body)),
+    }
+}
+
+/// Reads a body up to `limit` bytes, refusing it (413) as soon as it passes.
+pub async fn read_limited(
+    req: &HttpRequest,
+    mut payload: web::Payload,
+    limit: usize,
+) -> ApiResult<web::Bytes> {
+    let declared = req
+        .headers()
+        .get("content-length")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok());
+    if declared.is_some_and(|n| n > limit) {
+        return Err(ApiError::too_large(format!(
+            "the body is larger than {limit} bytes"
+        )));
+    }
+    let mut body = web::BytesMut::new();
+    while let Some(chunk) = payload.next().await {
+        let chunk =
+            chunk.map_err(|e| ApiError::malformed(format!("the body could not be read: {e}")))?;
+        if body.len() + chunk.len() > limit {
+            return Err(ApiError::too_large(format!(
+                "the body is larger than {limit} bytes"
+            )));
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body.freeze())
+}
+
+async fn webhook(
+    state: web::Data<State>,
+    path: web::Path<String>,
+    req: HttpRequest,
+    payload: web::Payload,
+) -> ApiResult<HttpResponse> {
+    let gateway = &state.gateway;
+    let ch = gateway.channel(&path)?;
+    let content_type = req
+        .headers()
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_string();
+    let limit = if content_type.starts_with("message/rfc822") {
+        gateway.settings.server.max_email_bytes
+    } else {
+        gateway.settings.server.max_webhook_bytes
+    };
+    let body = match read_limited(&req, payload, limit).await {
+        Ok(b) => b,
+        Err(e) => {
+            gateway
+                .metrics
+                .webhook_rejected(ch.config.kind, "too_large");
+            return Err(e);
+        }
+    };
+    let headers: Vec<(String, String)> = req
+        .headers()
+        .iter()
+        .filter_map(|(k, v)| {
+            v.to_str()
+                .ok()
+                .map(|v| (k.as_str().to_string(), v.to_string()))
+        })
+        .collect();
+    let raw = RawRequest {
+        path: req.path(),
+        query: req.query_string(),
+        headers: &headers,
+        content_type: &content_type,
+        body: &body,
+    };
+    let outcome = gateway.ingest(&path, &raw).await?;
+    tracing::debug!(channel = %path, stored = outcome.stored, duplicates = outcome.duplicates, "webhook stored");
+    Ok(HttpResponse::build(
+        actix_web::http::StatusCode::from_u16(outcome.ack.status)
+            .unwrap_or(actix_web::http::StatusCode::OK),
+    )
+    .content_type(outcome.ack.content_type)
+    .body(outcome.ack.body))
+}

@@ -1,0 +1,36 @@
+//! `switchboard simulate`: a webhook exactly as a channel's provider would send it.
+
+use crate::adapters::sms;
+use crate::config::ChannelConfig;
+use crate::domain::{new_id, ChannelKind};
+use std::path::Path;
+
+pub use crate::adapters::sms::SimulatedRequest;
+
+/// Builds the signed request a provider would send for a customer message.
+pub fn build(
+    ch: &ChannelConfig,
+    public_url: &str,
+    text: Option<&str>,
+    file: Option<&Path>,
+    from: Option<&str>,
+) -> anyhow::Result<SimulatedRequest> {
+    match ch.kind {
+        ChannelKind::Sms => {
+            let from = from.unwrap_or("+14155550123");
+            if let Some(path) = file {
+                let body = std::fs::read(path)?;
+                return Ok(sms::simulate_form(ch, public_url, &body));
+            }
+            let sid = format!("SM{}", new_id());
+            Ok(sms::simulate_inbound(
+                ch,
+                public_url,
+                from,
+                text.unwrap_or("Hello from the simulator"),
+                &sid,
+            ))
+        }
+        other => anyhow::bail!("simulate does not support {other} channels yet"),
+    }
+}
