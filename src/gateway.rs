@@ -847,14 +847,17 @@ impl Gateway {
     pub async fn start_outbound(
         &self,
         actor: &Actor,
-        queue_kind: QueueKind,
-        channel_id: &str,
-        to: &str,
-        text: &str,
-        subject: Option<String>,
-        uploads: &[Upload],
-        contact: &serde_json::Value,
+        req: OutboundRequest<'_>,
     ) -> GResult<(Interaction, Message)> {
+        let OutboundRequest {
+            queue_kind,
+            channel_id,
+            to,
+            text,
+            subject,
+            uploads,
+            contact,
+        } = req;
         let Actor::Agent(agent) = actor else {
             return Err(
                 Refusal::NotPermitted("outbound messages are started by agents".into()).into(),
@@ -1024,10 +1027,7 @@ impl Gateway {
                 match q.view.as_str() {
                     "mine" => mine,
                     "all" => in_queues || mine,
-                    _ => {
-                        (in_queues && i.in_queue && (i.assigned_to.is_none() || mine))
-                            || (mine && i.in_queue)
-                    }
+                    _ => i.in_queue && (mine || (in_queues && i.assigned_to.is_none())),
                 }
             })
             .filter(|i| q.status.is_none_or(|s| i.status == s))
@@ -1144,6 +1144,37 @@ impl Gateway {
         }
     }
 
+    /// Marks an SMS contact opted out because the provider said so (Twilio
+    /// 21610: the recipient sent STOP where we did not see it).
+    pub async fn mark_opted_out(&self, case: u64) -> GResult<()> {
+        let Some(i) = self.store.interaction(case).await? else {
+            return Ok(());
+        };
+        let key = contact_key(i.channel_kind, &i.channel_id, &i.digital_id);
+        for _ in 0..MAX_RETRIES {
+            let Some(mut c) = self.store.contact(&key).await? else {
+                return Ok(());
+            };
+            if c.opted_out {
+                return Ok(());
+            }
+            c.opted_out = true;
+            match self
+                .store
+                .commit(Commit {
+                    contact: Some(c),
+                    ..Commit::default()
+                })
+                .await
+            {
+                Ok(_) => return Ok(()),
+                Err(StoreError::Conflict) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(())
+    }
+
     /// Records a delivery failure of a channel's credentials (health shown in `/readyz`).
     pub async fn set_channel_health(&self, channel_id: &str, state: &str) {
         let _ = self
@@ -1202,6 +1233,17 @@ impl Gateway {
     pub fn unread_count(&self, items: &[Interaction], agent: &str) -> usize {
         items.iter().filter(|i| i.unread_for(agent)).count()
     }
+}
+
+/// What an agent gives to start an outbound conversation.
+pub struct OutboundRequest<'a> {
+    pub queue_kind: QueueKind,
+    pub channel_id: &'a str,
+    pub to: &'a str,
+    pub text: &'a str,
+    pub subject: Option<String>,
+    pub uploads: &'a [Upload],
+    pub contact: &'a serde_json::Value,
 }
 
 /// Query of `GET /api/v1/interactions`.

@@ -211,6 +211,9 @@ async fn finish(
             if e.needs_reauth {
                 g.set_channel_health(&job.channel_id, "needs_reauth").await;
             }
+            if e.code.as_deref() == Some(crate::adapters::sms::UNSUBSCRIBED_CODE) {
+                let _ = g.mark_opted_out(job.case_number).await;
+            }
             if e.is_retryable() && age < give_up {
                 let attempts = job.attempts + 1;
                 let delay = e.retry_after.unwrap_or_default().max(backoff(attempts));

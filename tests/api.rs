@@ -463,6 +463,16 @@ async fn a_permanent_twilio_error_fails_the_message_and_reopens(b: Backend) {
         1,
         "not retried"
     );
+    // Twilio told us the recipient unsubscribed: the next reply is refused before any call.
+    let (s, v) = app
+        .post(
+            ANNE,
+            &format!("/api/v1/interactions/{case}/replies"),
+            json!({"text": "y"}),
+        )
+        .await;
+    assert_eq!((s, v["code"].as_str()), (422, Some("opted_out")), "{v}");
+    assert_eq!(app.twilio.received_requests().await.unwrap().len(), 1);
 }
 
 /// A 503 from Twilio is retried, and the reply then goes out once.
@@ -897,4 +907,161 @@ async fn the_routing_feed_pages_and_long_polls(b: Backend) {
         .unwrap();
     assert_eq!(v["events"][0]["type"], "message.received");
     assert_eq!(v["events"][0]["data"]["message"]["text"], "again");
+}
+
+/// Rule 6 and 10: a message long after End starts a new interaction, and
+/// contact details list the earlier one in the history.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_long_after_end_starts_a_new_interaction_with_history() {
+    let app = TestApp::start_with(Backend::Embedded, "", |s| {
+        s.server.new_interaction_after_hours = 0
+    })
+    .await;
+    app.sms_from("+14158675309", "first", "SMh1").await;
+    let first = app.only_case().await;
+    app.post(
+        ANNE,
+        &format!("/api/v1/interactions/{first}/assign"),
+        json!({}),
+    )
+    .await;
+    app.post(
+        ANNE,
+        &format!("/api/v1/interactions/{first}/end"),
+        json!({"disposition": {"related_case": "CRM-1"}}),
+    )
+    .await;
+    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    app.sms_from("+14158675309", "second", "SMh2").await;
+    let (_, v) = app.get(ANNE, "/api/v1/interactions").await;
+    let items = v["items"].as_array().unwrap();
+    assert_eq!(items.len(), 1, "{v}");
+    let second = items[0]["case_number"].as_u64().unwrap();
+    assert_ne!(second, first);
+    assert_eq!(items[0]["status"], "new");
+    let old = app.interaction(first).await;
+    assert_eq!(
+        old["messages"].as_array().unwrap().len(),
+        1,
+        "the ended one is left alone"
+    );
+    let (_, details) = app
+        .get(ANNE, &format!("/api/v1/interactions/{second}/contact"))
+        .await;
+    assert_eq!(details["history"][0]["case_number"], first);
+    assert_eq!(details["history"][0]["related_case"], "CRM-1");
+    assert!(details["history"][0].get("messages").is_none());
+}
+
+/// MMS media is downloaded into the gateway at once; a failed download stays visible.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mms_media_is_stored_and_a_failed_download_is_marked() {
+    let app = TestApp::start(Backend::Embedded).await;
+    let media = format!("/2010-04-01/Accounts/{ACCOUNT_SID}/Messages/MM1/Media/ME1");
+    Mock::given(method("GET"))
+        .and(path(media.clone()))
+        .respond_with(
+            ResponseTemplate::new(200)
+                .insert_header("content-type", "image/jpeg")
+                .set_body_bytes(b"jpeg-bytes".to_vec()),
+        )
+        .mount(&app.twilio)
+        .await;
+    let ch = app.sms_channel();
+    let form = format!(
+        "MessageSid=MM1&AccountSid={ACCOUNT_SID}&From=%2B14158675309&To=%2B14155550100&Body=look&NumMedia=2\
+         &MediaUrl0={}&MediaContentType0=image%2Fjpeg&MediaUrl1={}&MediaContentType1=image%2Fpng&SmsStatus=received",
+        urlencode(&format!("{}{media}", app.twilio.uri())),
+        urlencode(&format!("{}/missing", app.twilio.uri())),
+    );
+    let req = switchboard::adapters::sms::simulate_form(&ch, &app.url, form.as_bytes());
+    assert_eq!(app.post_simulated(req).await.0, 200);
+    let case = app.only_case().await;
+    let i = app.interaction(case).await;
+    let atts = i["messages"][0]["attachments"].as_array().unwrap();
+    assert_eq!(atts.len(), 2);
+    assert_eq!(atts[0]["state"], "stored");
+    assert_eq!(atts[0]["content_type"], "image/jpeg");
+    assert_eq!(atts[0]["size"], 10);
+    assert_eq!(atts[1]["state"], "failed");
+    assert!(
+        atts[1]["error"].as_str().unwrap().contains("404"),
+        "{}",
+        atts[1]
+    );
+    let id = atts[0]["id"].as_str().unwrap();
+    let r = app
+        .http
+        .get(format!("{}/api/v1/attachments/{id}", app.url))
+        .bearer_auth(ANNE)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.bytes().await.unwrap().to_vec(), b"jpeg-bytes".to_vec());
+    // The Twilio media request carried Basic auth (api_base host).
+    let got = app.twilio.received_requests().await.unwrap();
+    assert!(got
+        .iter()
+        .any(|r| r.url.path() == media && r.headers.get("authorization").is_some()));
+}
+
+/// A reply that keeps failing transiently is given up after the configured time and shown failed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reply_is_given_up_after_the_retry_window() {
+    let app = TestApp::start_with(Backend::Embedded, "", |s| {
+        s.server.delivery_give_up_seconds = 0
+    })
+    .await;
+    Mock::given(method("POST"))
+        .and(path(messages_path()))
+        .respond_with(ResponseTemplate::new(503))
+        .mount(&app.twilio)
+        .await;
+    app.sms_from("+14158675309", "hi", "SMg").await;
+    let case = app.only_case().await;
+    app.post(
+        ANNE,
+        &format!("/api/v1/interactions/{case}/assign"),
+        json!({}),
+    )
+    .await;
+    app.post(
+        ANNE,
+        &format!("/api/v1/interactions/{case}/replies"),
+        json!({"text": "x"}),
+    )
+    .await;
+    let i = app
+        .wait_for(case, "failed", |i| i["messages"][1]["status"] == "failed")
+        .await;
+    assert!(
+        i["messages"][1]["error"]
+            .as_str()
+            .unwrap()
+            .starts_with("gave up after 1 attempts"),
+        "{i}"
+    );
+    assert_eq!(i["status"], "open");
+    let wanted = r#"switchboard_deliveries_total{kind="sms",outcome="failed"} 1"#;
+    let mut m = String::new();
+    for _ in 0..50 {
+        m = app
+            .http
+            .get(format!("{}/metrics", app.url))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        if m.contains(wanted) {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert!(m.contains(wanted), "{m}");
+}
+
+fn urlencode(s: &str) -> String {
+    url::form_urlencoded::byte_serialize(s.as_bytes()).collect()
 }

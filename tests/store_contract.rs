@@ -1320,3 +1320,89 @@ async fn redis_connect_fails_when_redis_is_unreachable() {
     let r = RedisStore::connect("redis://127.0.0.1:1/0", "sbtest:unreachable", RETENTION).await;
     assert!(r.is_err());
 }
+
+/// The ID of the follower connection of the store under `prefix`, if any.
+async fn follower_client_id(
+    conn: &mut redis::aio::MultiplexedConnection,
+    prefix: &str,
+) -> Option<String> {
+    let list: String = redis::cmd("CLIENT")
+        .arg("LIST")
+        .query_async(conn)
+        .await
+        .unwrap();
+    let name = format!("name={prefix}:routing:follower");
+    list.lines()
+        .find(|l| l.split(' ').any(|f| f == name))
+        .and_then(|l| l.split(' ').find_map(|f| f.strip_prefix("id=")))
+        .map(str::to_string)
+}
+
+/// A Redis restart or failover must not leave a gateway deaf: the follower
+/// reconnects and delivers what was committed meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_live_events_survive_a_lost_connection() {
+    let keys = RedisKeys::new();
+    let store: DynStore = RedisStore::connect(&redis_url(), &keys.prefix, RETENTION)
+        .await
+        .unwrap();
+    let mut rx = store.subscribe();
+    let client = redis::Client::open(redis_url()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let mut id = None;
+    for _ in 0..100 {
+        id = follower_client_id(&mut conn, &keys.prefix).await;
+        if id.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let id = id.expect("the follower's connection is named");
+    let _: () = redis::cmd("CLIENT")
+        .arg("KILL")
+        .arg("ID")
+        .arg(&id)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let stored = store
+        .commit(Commit {
+            events: vec![draft(1001, "message.status", 0)],
+            ..Commit::default()
+        })
+        .await
+        .unwrap();
+    let got = tokio::time::timeout(Duration::from_secs(10), rx.recv())
+        .await
+        .expect("the event arrives after the follower reconnects")
+        .unwrap();
+    assert_eq!(got, stored[0]);
+}
+
+/// A dropped store must not leave a connection blocked on Redis behind it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_follower_stops_when_the_store_is_dropped() {
+    let keys = RedisKeys::new();
+    let store: DynStore = RedisStore::connect(&redis_url(), &keys.prefix, RETENTION)
+        .await
+        .unwrap();
+    let client = redis::Client::open(redis_url()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let mut seen = false;
+    for _ in 0..100 {
+        seen = follower_client_id(&mut conn, &keys.prefix).await.is_some();
+        if seen {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(seen, "the follower is running");
+    drop(store);
+    for _ in 0..100 {
+        if follower_client_id(&mut conn, &keys.prefix).await.is_none() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("the follower is still connected 2 s after the store was dropped");
+}

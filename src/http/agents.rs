@@ -498,13 +498,15 @@ async fn outbound(
         .gateway
         .start_outbound(
             actor,
-            kind,
-            &channel,
-            &to,
-            &text,
-            subject,
-            &form.uploads,
-            &contact,
+            crate::gateway::OutboundRequest {
+                queue_kind: kind,
+                channel_id: &channel,
+                to: &to,
+                text: &text,
+                subject,
+                uploads: &form.uploads,
+                contact: &contact,
+            },
         )
         .await?;
     Ok(HttpResponse::Accepted().json(json!({

@@ -374,8 +374,7 @@ impl Store for EmbeddedStore {
             .interactions
             .values()
             .filter(|i| {
-                queues.iter().any(|q| *q == i.queue)
-                    || (agent.is_some() && i.assigned_to.as_deref() == agent)
+                queues.contains(&i.queue) || (agent.is_some() && i.assigned_to.as_deref() == agent)
             })
             .cloned()
             .collect())

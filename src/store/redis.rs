@@ -415,6 +415,11 @@ async fn follow(
     tx: broadcast::Sender<Event>,
     cancel: CancellationToken,
 ) {
+    // Named so operators (and tests) can tell it apart in `CLIENT LIST`.
+    let name: String = format!("{stream}:follower")
+        .chars()
+        .map(|c| if c.is_ascii_graphic() { c } else { '_' })
+        .collect();
     let mut backoff = Duration::from_millis(100);
     loop {
         let conn = tokio::select! {
@@ -422,39 +427,47 @@ async fn follow(
             c = client.get_multiplexed_async_connection() => c,
         };
         match conn {
-            Ok(mut conn) => loop {
-                let mut cmd = redis::cmd("XREAD");
-                cmd.arg("COUNT")
-                    .arg(FOLLOW_BATCH)
-                    .arg("BLOCK")
-                    .arg(FOLLOW_BLOCK_MS)
-                    .arg("STREAMS")
-                    .arg(&stream)
-                    .arg(&cursor);
-                let read = cmd.query_async::<Option<StreamReadReply>>(&mut conn);
-                let reply = tokio::select! {
-                    _ = cancel.cancelled() => return,
-                    r = read => r,
-                };
-                match reply {
-                    Ok(reply) => {
-                        backoff = Duration::from_millis(100);
-                        for key in reply.map(|r| r.keys).unwrap_or_default() {
-                            for entry in key.ids {
-                                if let Some(e) = stream_event(&entry.id, &entry.map) {
-                                    // No receiver is not an error: nobody listens yet.
-                                    let _ = tx.send(e);
+            Ok(mut conn) => {
+                // A name Redis refuses only costs the name.
+                let _: redis::RedisResult<()> = redis::cmd("CLIENT")
+                    .arg("SETNAME")
+                    .arg(&name)
+                    .query_async(&mut conn)
+                    .await;
+                loop {
+                    let mut cmd = redis::cmd("XREAD");
+                    cmd.arg("COUNT")
+                        .arg(FOLLOW_BATCH)
+                        .arg("BLOCK")
+                        .arg(FOLLOW_BLOCK_MS)
+                        .arg("STREAMS")
+                        .arg(&stream)
+                        .arg(&cursor);
+                    let read = cmd.query_async::<Option<StreamReadReply>>(&mut conn);
+                    let reply = tokio::select! {
+                        _ = cancel.cancelled() => return,
+                        r = read => r,
+                    };
+                    match reply {
+                        Ok(reply) => {
+                            backoff = Duration::from_millis(100);
+                            for key in reply.map(|r| r.keys).unwrap_or_default() {
+                                for entry in key.ids {
+                                    if let Some(e) = stream_event(&entry.id, &entry.map) {
+                                        // No receiver is not an error: nobody listens yet.
+                                        let _ = tx.send(e);
+                                    }
+                                    cursor = entry.id;
                                 }
-                                cursor = entry.id;
                             }
                         }
-                    }
-                    Err(e) => {
-                        tracing::warn!(error = %e, "routing stream follower lost its connection");
-                        break;
+                        Err(e) => {
+                            tracing::warn!(error = %e, "routing stream follower lost its connection");
+                            break;
+                        }
                     }
                 }
-            },
+            }
             Err(e) => tracing::warn!(error = %e, "routing stream follower cannot connect"),
         }
         tokio::select! {

@@ -16,6 +16,9 @@
 
 mod form;
 pub mod segments;
+
+/// Twilio's error code for a recipient who opted out (STOP): the send is refused for good.
+pub const UNSUBSCRIBED_CODE: &str = "21610";
 pub mod signature;
 
 use super::media::Credentials;

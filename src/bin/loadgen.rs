@@ -1,0 +1,495 @@
+//! `loadgen`: the load generator behind `scripts/bench.sh`.
+//!
+//! It drives one run against a running gateway and prints one JSON line:
+//! `{"name","requests","ok","errors","seconds","rps","p50_ms","p99_ms","max_ms", ...}`.
+//!
+//! * `--mode healthz`: `GET /healthz`, the baseline.
+//! * `--mode sms`: signed Twilio webhooks `POST /webhooks/{channel}`, each with
+//!   a distinct `MessageSid`, from a few thousand distinct senders. They are
+//!   built and signed before the clock starts (`simulate_inbound`), so signing
+//!   is not in the measured path.
+//!
+//! Two ways to load:
+//! * `--concurrency N`: closed loop, N connections each sending its next
+//!   request as soon as the previous one is answered, for `--duration` seconds;
+//!   latency is from send to the end of the response body.
+//! * `--rate R`: open loop, request `i` is due at `start + i / R` whatever
+//!   happened before; latency is measured from the due time, so a stall of the
+//!   gateway shows up in the figures instead of slowing the generator down
+//!   (no coordinated omission).
+//!
+//! With `--pid`, it also reports the CPU time (user + system, from
+//! `/proc/PID/stat`) that process spent per request during the measured window,
+//! and always its own CPU time per request, since both share the machine.
+
+use anyhow::{bail, Context};
+use clap::{Parser, ValueEnum};
+use parking_lot::Mutex;
+use reqwest::{Client, Request};
+use serde_json::json;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use switchboard::config::Settings;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum Mode {
+    /// `GET /healthz`: the baseline.
+    Healthz,
+    /// Signed SMS webhooks.
+    Sms,
+}
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "loadgen",
+    about = "Drives a Switchboard gateway and reports rps and latency"
+)]
+struct Cli {
+    /// The gateway's base URL, e.g. http://127.0.0.1:8080 (only local targets make sense).
+    #[arg(long)]
+    url: String,
+    #[arg(long, value_enum)]
+    mode: Mode,
+    /// The run's name in the JSON line.
+    #[arg(long)]
+    name: Option<String>,
+    /// Closed loop with this many connections.
+    #[arg(long, conflicts_with = "rate", required_unless_present = "rate")]
+    concurrency: Option<usize>,
+    /// Open loop at this many requests per second.
+    #[arg(long)]
+    rate: Option<u64>,
+    /// Seconds of measured load.
+    #[arg(long, default_value_t = 10.0)]
+    duration: f64,
+    /// Requests sent (and not measured) before the clock starts, to open connections.
+    #[arg(long, default_value_t = 500)]
+    warmup: usize,
+    /// Closed loop: at most this many measured requests (SMS requests are built beforehand).
+    #[arg(long, default_value_t = 150_000)]
+    max_requests: usize,
+    /// Open loop: at most this many requests in flight (later ones wait, and their wait counts).
+    #[arg(long, default_value_t = 1024)]
+    max_inflight: usize,
+    /// The gateway's configuration file (sms mode): channel secrets and public_url.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// The SMS channel to post to.
+    #[arg(long, default_value = "sms-main")]
+    channel: String,
+    /// The URL Twilio signs (default: server.public_url of --config, else --url).
+    #[arg(long)]
+    public_url: Option<String>,
+    /// Distinct sender numbers (+1 415 555 0000 and up).
+    #[arg(long, default_value_t = 4000)]
+    senders: usize,
+    /// The gateway's process id, to report its CPU time per request.
+    #[arg(long)]
+    pid: Option<u32>,
+    /// Clock ticks per second of /proc/PID/stat (`getconf CLK_TCK`).
+    #[arg(long, default_value_t = 100)]
+    clk_tck: u64,
+    /// Per-request timeout in seconds (a timeout counts as an error).
+    #[arg(long, default_value_t = 10.0)]
+    timeout: f64,
+    /// Worker threads of the generator's runtime.
+    #[arg(long, default_value_t = 2)]
+    threads: usize,
+}
+
+/// What one request came to.
+#[derive(Clone, Copy)]
+struct Sample {
+    /// From the due time (open loop) or the send (closed loop) to the end of the body.
+    latency: Duration,
+    /// From the send to the end of the body.
+    service: Duration,
+    ok: bool,
+}
+
+/// The requests of a run: built on the fly (healthz) or beforehand (sms).
+struct Source {
+    client: Client,
+    healthz: reqwest::Url,
+    prebuilt: Vec<Mutex<Option<Request>>>,
+}
+
+impl Source {
+    fn take(&self, i: usize) -> Option<Request> {
+        if self.prebuilt.is_empty() {
+            self.client.get(self.healthz.clone()).build().ok()
+        } else {
+            self.prebuilt.get(i).and_then(|slot| slot.lock().take())
+        }
+    }
+}
+
+static ERRORS_SHOWN: AtomicUsize = AtomicUsize::new(0);
+
+fn show_error(what: String) {
+    if ERRORS_SHOWN.fetch_add(1, Ordering::Relaxed) < 5 {
+        eprintln!("loadgen: {what}");
+    }
+}
+
+/// Sends one request and reads the whole answer.
+async fn send(client: &Client, req: Request) -> (bool, Instant) {
+    let ok = match client.execute(req).await {
+        Ok(resp) => {
+            let status = resp.status();
+            match resp.bytes().await {
+                Ok(_) if status.is_success() => true,
+                Ok(body) => {
+                    show_error(format!(
+                        "{status}: {}",
+                        String::from_utf8_lossy(&body[..body.len().min(300)])
+                    ));
+                    false
+                }
+                Err(e) => {
+                    show_error(format!("reading the body: {e}"));
+                    false
+                }
+            }
+        }
+        Err(e) => {
+            show_error(format!("request failed: {e}"));
+            false
+        }
+    };
+    (ok, Instant::now())
+}
+
+/// User + system CPU time of a process so far, in seconds.
+fn cpu_seconds(pid: &str, clk_tck: u64) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name is in parentheses and may hold spaces: fields follow the last ')'.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let mut fields = rest.split_whitespace();
+    // After ')' comes field 3 (state); utime is field 14, stime field 15.
+    let utime: u64 = fields.nth(11)?.parse().ok()?;
+    let stime: u64 = fields.next()?.parse().ok()?;
+    Some((utime + stime) as f64 / clk_tck as f64)
+}
+
+/// Builds `count` signed webhooks, each with its own MessageSid.
+fn build_sms(
+    cli: &Cli,
+    client: &Client,
+    count: usize,
+) -> anyhow::Result<Vec<Mutex<Option<Request>>>> {
+    let path = cli
+        .config
+        .as_ref()
+        .context("--mode sms needs --config (the gateway's configuration file)")?;
+    let settings = Settings::load(path).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let ch = settings
+        .channel(&cli.channel)
+        .with_context(|| format!("no channel {} in {}", cli.channel, path.display()))?
+        .clone();
+    let base = cli.url.trim_end_matches('/').to_string();
+    let public_url = cli
+        .public_url
+        .clone()
+        .or_else(|| settings.server.public_url.clone())
+        .unwrap_or_else(|| base.clone());
+    let public_url = public_url.trim_end_matches('/').to_string();
+    if cli.senders == 0 || cli.senders > 10_000 {
+        bail!("--senders must be between 1 and 10000");
+    }
+    let senders: Vec<String> = (0..cli.senders)
+        .map(|n| format!("+1415555{n:04}"))
+        .collect();
+    for s in &senders {
+        switchboard::domain::ids::PhoneNumber::parse(s)
+            .map_err(|e| anyhow::anyhow!("sender {s}: {e}"))?;
+    }
+    const TEXTS: [&str; 4] = [
+        "Where is my order? It was due yesterday.",
+        "Hi, can I change the delivery address please",
+        "Thanks! That works for me.",
+        "My card was charged twice for order 4417, can you check?",
+    ];
+    // 20 hex digits unique to this run, then the index: 34 characters, as Twilio's.
+    let run = uuid::Uuid::new_v4().simple().to_string();
+    let run = &run[..20];
+    let mut out = Vec::with_capacity(count);
+    for i in 0..count {
+        let sid = format!("SM{run}{i:012x}");
+        let from = &senders[i % senders.len()];
+        let sim = switchboard::adapters::sms::simulate_inbound(
+            &ch,
+            &public_url,
+            from,
+            TEXTS[i % TEXTS.len()],
+            &sid,
+        );
+        let mut rb = client
+            .post(format!("{base}{}", sim.path))
+            .header("content-type", sim.content_type);
+        for (k, v) in &sim.headers {
+            rb = rb.header(k.as_str(), v.as_str());
+        }
+        out.push(Mutex::new(Some(rb.body(sim.body).build()?)));
+    }
+    Ok(out)
+}
+
+/// Closed loop: `concurrency` workers, each sending its next request when the
+/// previous one is answered, until `deadline` or request `limit`.
+async fn closed_loop(
+    source: Arc<Source>,
+    next: Arc<AtomicUsize>,
+    concurrency: usize,
+    limit: usize,
+    deadline: Option<Instant>,
+) -> Vec<Sample> {
+    let mut workers = Vec::with_capacity(concurrency);
+    for _ in 0..concurrency {
+        let source = source.clone();
+        let next = next.clone();
+        workers.push(tokio::spawn(async move {
+            let mut samples = Vec::with_capacity(8192);
+            loop {
+                if deadline.is_some_and(|d| Instant::now() >= d) {
+                    break;
+                }
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= limit {
+                    break;
+                }
+                let Some(req) = source.take(i) else { break };
+                let start = Instant::now();
+                let (ok, done) = send(&source.client, req).await;
+                let latency = done - start;
+                samples.push(Sample {
+                    latency,
+                    service: latency,
+                    ok,
+                });
+            }
+            samples
+        }));
+    }
+    let mut all = vec![];
+    for w in workers {
+        if let Ok(s) = w.await {
+            all.extend(s);
+        }
+    }
+    all
+}
+
+/// Open loop: request `first + k` is due at `start + k / rate`.
+async fn open_loop(
+    source: Arc<Source>,
+    first: usize,
+    count: usize,
+    rate: u64,
+    max_inflight: usize,
+    start: Instant,
+) -> Vec<Sample> {
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(usize, Instant)>();
+    // A plain thread keeps the schedule: its sleeps are finer than tokio's 1 ms timer.
+    let pacer = std::thread::spawn(move || {
+        for k in 0..count {
+            let due = start + Duration::from_secs_f64(k as f64 / rate as f64);
+            let now = Instant::now();
+            if due > now {
+                std::thread::sleep(due - now);
+            }
+            if tx.send((first + k, due)).is_err() {
+                break;
+            }
+        }
+    });
+    let inflight = Arc::new(tokio::sync::Semaphore::new(max_inflight));
+    let mut tasks = Vec::with_capacity(count);
+    while let Some((i, due)) = rx.recv().await {
+        let permit = inflight
+            .clone()
+            .acquire_owned()
+            .await
+            .expect("never closed");
+        let source = source.clone();
+        tasks.push(tokio::spawn(async move {
+            let _permit = permit;
+            let req = source.take(i)?;
+            let sent = Instant::now();
+            let (ok, done) = send(&source.client, req).await;
+            Some(Sample {
+                latency: done - due,
+                service: done - sent,
+                ok,
+            })
+        }));
+    }
+    let _ = pacer.join();
+    let mut all = Vec::with_capacity(count);
+    for t in tasks {
+        if let Ok(Some(s)) = t.await {
+            all.push(s);
+        }
+    }
+    all
+}
+
+/// The value at quantile `q` (nearest rank) of sorted durations, in ms.
+fn quantile_ms(sorted: &[Duration], q: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let rank = ((q * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len());
+    ms(sorted[rank - 1])
+}
+
+fn ms(d: Duration) -> f64 {
+    (d.as_secs_f64() * 1e6).round() / 1e3
+}
+
+fn round(x: f64, places: i32) -> f64 {
+    let f = 10f64.powi(places);
+    (x * f).round() / f
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let base = cli.url.trim_end_matches('/').to_string();
+    let client = Client::builder()
+        .no_proxy()
+        .tcp_nodelay(true)
+        .pool_max_idle_per_host(usize::MAX)
+        .pool_idle_timeout(Duration::from_secs(90))
+        .timeout(Duration::from_secs_f64(cli.timeout))
+        .build()?;
+    let measured = match (cli.concurrency, cli.rate) {
+        (Some(_), _) => cli.max_requests,
+        (None, Some(rate)) => (rate as f64 * cli.duration).round() as usize,
+        (None, None) => bail!("give --concurrency or --rate"),
+    };
+    if measured == 0 {
+        bail!("nothing to send");
+    }
+    let total = cli.warmup + measured;
+    let prebuilt = match cli.mode {
+        Mode::Healthz => vec![],
+        Mode::Sms => {
+            let t = Instant::now();
+            let v = build_sms(&cli, &client, total)?;
+            eprintln!(
+                "loadgen: built and signed {total} webhooks in {:.1} s",
+                t.elapsed().as_secs_f64()
+            );
+            v
+        }
+    };
+    let source = Arc::new(Source {
+        client: client.clone(),
+        healthz: format!("{base}/healthz").parse()?,
+        prebuilt,
+    });
+    let next = Arc::new(AtomicUsize::new(0));
+
+    // Warm-up: open the connections, not measured.
+    let warm_conc = cli.concurrency.unwrap_or(8).min(cli.warmup.max(1));
+    let warm = closed_loop(source.clone(), next.clone(), warm_conc, cli.warmup, None).await;
+    let warm_errors = warm.iter().filter(|s| !s.ok).count();
+    if warm_errors > 0 {
+        bail!("{warm_errors} of {} warm-up requests failed", warm.len());
+    }
+    next.store(cli.warmup, Ordering::SeqCst);
+
+    let pid = cli.pid.map(|p| p.to_string());
+    let server_cpu_before = pid.as_deref().and_then(|p| cpu_seconds(p, cli.clk_tck));
+    let self_cpu_before = cpu_seconds("self", cli.clk_tck);
+    let start = Instant::now();
+    let samples = match (cli.concurrency, cli.rate) {
+        (Some(c), _) => {
+            let deadline = start + Duration::from_secs_f64(cli.duration);
+            closed_loop(source.clone(), next.clone(), c, total, Some(deadline)).await
+        }
+        (None, Some(rate)) => {
+            open_loop(
+                source.clone(),
+                cli.warmup,
+                measured,
+                rate,
+                cli.max_inflight,
+                start,
+            )
+            .await
+        }
+        (None, None) => unreachable!(),
+    };
+    let seconds = start.elapsed().as_secs_f64();
+    let server_cpu = pid
+        .as_deref()
+        .and_then(|p| cpu_seconds(p, cli.clk_tck))
+        .zip(server_cpu_before)
+        .map(|(after, before)| after - before);
+    let self_cpu = cpu_seconds("self", cli.clk_tck)
+        .zip(self_cpu_before)
+        .map(|(after, before)| after - before);
+
+    let requests = samples.len();
+    let ok = samples.iter().filter(|s| s.ok).count();
+    let mut latency: Vec<Duration> = samples.iter().map(|s| s.latency).collect();
+    let mut service: Vec<Duration> = samples.iter().map(|s| s.service).collect();
+    latency.sort_unstable();
+    service.sort_unstable();
+    let per_request_us = |cpu: Option<f64>| {
+        cpu.filter(|_| requests > 0)
+            .map(|c| round(c * 1e6 / requests as f64, 1))
+    };
+    let name = cli
+        .name
+        .clone()
+        .unwrap_or_else(|| match (cli.mode, cli.rate) {
+            (Mode::Healthz, None) => "healthz".into(),
+            (Mode::Sms, None) => "sms".into(),
+            (Mode::Healthz, Some(r)) => format!("healthz@{r}"),
+            (Mode::Sms, Some(r)) => format!("sms@{r}"),
+        });
+    let line = json!({
+        "name": name,
+        "requests": requests,
+        "ok": ok,
+        "errors": requests - ok,
+        "seconds": round(seconds, 3),
+        "rps": round(requests as f64 / seconds, 1),
+        "p50_ms": quantile_ms(&latency, 0.50),
+        "p99_ms": quantile_ms(&latency, 0.99),
+        "max_ms": quantile_ms(&latency, 1.0),
+        "p999_ms": quantile_ms(&latency, 0.999),
+        "service_p50_ms": quantile_ms(&service, 0.50),
+        "service_p99_ms": quantile_ms(&service, 0.99),
+        "mode": format!("{:?}", cli.mode).to_lowercase(),
+        "concurrency": cli.concurrency,
+        "rate": cli.rate,
+        "server_cpu_s": server_cpu.map(|c| round(c, 2)),
+        "server_cpu_us_per_req": per_request_us(server_cpu),
+        "loadgen_cpu_us_per_req": per_request_us(self_cpu),
+    });
+    println!("{line}");
+    if requests < measured && cli.rate.is_some() {
+        bail!("only {requests} of {measured} scheduled requests completed");
+    }
+    Ok(())
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(cli.threads.max(1))
+        .enable_all()
+        .build()
+        .expect("a tokio runtime");
+    match rt.block_on(run(cli)) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("loadgen: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
