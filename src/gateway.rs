@@ -96,6 +96,9 @@ pub struct Gateway {
 
 const MAX_RETRIES: usize = 32;
 
+/// How long one webhook may spend downloading its media before answering.
+const MEDIA_BUDGET: std::time::Duration = std::time::Duration::from_secs(8);
+
 impl Gateway {
     pub fn channel(&self, id: &str) -> GResult<&Arc<ChannelRuntime>> {
         self.channels
@@ -167,10 +170,22 @@ impl Gateway {
 
     async fn download_media(&self, ch: &ChannelRuntime, m: &InboundMessage) -> Vec<Attachment> {
         let mut out = vec![];
+        let deadline = tokio::time::Instant::now() + MEDIA_BUDGET;
         for (n, media) in m.media.iter().enumerate() {
             let id = new_id();
             let fallback_name = format!("attachment-{}", n + 1);
-            match ch.media.fetch(media).await {
+            // Twilio waits 15 s in all for our answer: downloads get a shared
+            // budget well inside it, and what does not fit is marked failed
+            // (retryable from its source URL) rather than making the provider retry.
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            let fetched = match tokio::time::timeout(left, ch.media.fetch(media)).await {
+                Ok(r) => r,
+                Err(_) => Err(format!(
+                    "media download timed out after {} s",
+                    MEDIA_BUDGET.as_secs()
+                )),
+            };
+            match fetched {
                 Ok(file) => {
                     let filename = media
                         .filename

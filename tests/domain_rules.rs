@@ -516,6 +516,21 @@ fn transfer_by_a_service_waits_unassigned_even_on_a_one_member_queue() {
     assert!(i.in_queue);
 }
 
+/// If this fails, a routing engine moving an ended case leaves it on the new queue while it still
+/// counts as ended, so nobody can End it again and the customer's next message opens a fresh case.
+#[test]
+fn transfer_by_a_service_of_an_ended_interaction_puts_it_on_the_new_queue_no_longer_ended() {
+    let mut i = replied();
+    i.end(&anne(), None, None, t(5)).unwrap();
+    transfer(&mut i, &router(), "billing", &["bob"], 1);
+    assert_eq!(i.queue, "billing");
+    assert!(i.in_queue);
+    assert_eq!(i.ended_at, None);
+    assert_eq!(i.status, Status::Open);
+    i.assign(&bob(), "bob", t(20)).unwrap();
+    i.end(&bob(), None, None, t(21)).unwrap();
+}
+
 /// If this fails, reporting counts transfers wrongly or the master contact ID changes too
 /// early or too late (from the 3rd transfer on, every transfer gives a new one).
 #[test]

@@ -708,7 +708,7 @@ async fn interactions_for_follows_queue_and_assignee(store: DynStore) {
 
     let listed = store.interactions_for(&support, None).await.unwrap();
     assert_eq!(cases(&listed), [c1, c3]);
-    assert!(listed.iter().any(|i| *i == i1), "full interactions");
+    assert!(listed.contains(&i1), "full interactions");
     assert_eq!(
         cases(&store.interactions_for(&sales, Some("bob")).await.unwrap()),
         [c2, c3]
