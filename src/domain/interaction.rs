@@ -99,7 +99,8 @@ pub struct Attachment {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
     /// Where the provider serves it, kept so a failed download can be retried.
-    #[serde(default, skip_serializing)]
+    /// Stored, but never shown: [`Message::public`] strips it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub source_url: Option<String>,
 }
 
@@ -129,6 +130,18 @@ pub struct Message {
     /// SMS only: `{"encoding", "segments"}` of an outbound text.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sms: Option<serde_json::Value>,
+}
+
+impl Message {
+    /// The message as agents, events and routing engines see it: without
+    /// the provider's media URLs (kept only to retry a failed download).
+    pub fn public(&self) -> Message {
+        let mut m = self.clone();
+        for a in &mut m.attachments {
+            a.source_url = None;
+        }
+        m
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -304,7 +317,11 @@ impl Interaction {
         self.in_queue = true;
         self.received_at = now;
         self.last_customer_at = Some(msg.sent_at);
-        events.push(self.event("message.received", now, serde_json::json!({"message": msg})));
+        events.push(self.event(
+            "message.received",
+            now,
+            serde_json::json!({"message": msg.public()}),
+        ));
         self.messages.push(msg);
         events
     }
@@ -359,7 +376,7 @@ impl Interaction {
             events.push(self.event(
                 "interaction.resolved",
                 now,
-                serde_json::json!({"by": actor.id(), "message": msg}),
+                serde_json::json!({"by": actor.id(), "message": msg.public()}),
             ));
         }
         Ok(events)
@@ -572,7 +589,7 @@ impl Interaction {
             "related_case": self.related_case,
             "ended_at": self.ended_at,
             "disposition": self.disposition,
-            "messages": self.messages,
+            "messages": self.messages.iter().map(Message::public).collect::<Vec<_>>(),
             "version": self.version,
         });
         if let Some(subject) = &self.subject {

@@ -122,6 +122,8 @@ pub async fn agent_events(
         queues: Vec<String>,
         shutdown: tokio_util::sync::CancellationToken,
         opened: bool,
+        /// The last event sent: later ones only, never one twice.
+        last: Option<(u64, u64)>,
     }
     let s = S {
         rx,
@@ -131,6 +133,7 @@ pub async fn agent_events(
         queues,
         shutdown,
         opened: false,
+        last: None,
     };
     let body = stream::unfold(s, |mut s| async move {
         if !s.opened {
@@ -141,6 +144,7 @@ pub async fn agent_events(
             ));
         }
         if let Some(e) = s.backlog.pop_front() {
+            s.last = crate::domain::parse_event_id(&e.id);
             return Some((Ok(sse_frame(&e)), s));
         }
         loop {
@@ -151,11 +155,33 @@ pub async fn agent_events(
                 }
                 r = s.rx.recv() => match r {
                     Ok(e) => {
+                        let id = crate::domain::parse_event_id(&e.id);
+                        if s.last.is_some() && id <= s.last {
+                            continue; // already sent from the backlog
+                        }
                         if s.g.event_visible(&s.actor, &s.queues, &e).await {
+                            s.last = id;
                             return Some((Ok(sse_frame(&e)), s));
                         }
                     }
-                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
+                        // Too slow to keep up: refill from the store, in order.
+                        if let Some((ms, seq)) = s.last {
+                            let after = format!("{ms}-{seq}");
+                            if let Ok(events) = s.g.store.events_after(Some(&after), 1000).await {
+                                for e in events {
+                                    if s.g.event_visible(&s.actor, &s.queues, &e).await {
+                                        s.backlog.push_back(e);
+                                    }
+                                }
+                            }
+                            if let Some(e) = s.backlog.pop_front() {
+                                s.last = crate::domain::parse_event_id(&e.id);
+                                return Some((Ok(sse_frame(&e)), s));
+                            }
+                        }
+                        continue;
+                    }
                     Err(_) => return None,
                 }
             }
