@@ -88,6 +88,7 @@ pub fn build_channels(settings: &Settings) -> anyhow::Result<HashMap<String, Arc
                     intake: adapter.clone(),
                     outbound: adapter,
                     media: MediaClient::new(c, m, sms::media_credentials(c)),
+                    resolver: None,
                 }
             }
             other => anyhow::bail!("channel {}: {other} channels are not supported yet", c.id),

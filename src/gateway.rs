@@ -66,6 +66,8 @@ pub struct ChannelRuntime {
     pub intake: Arc<dyn WebhookIntake>,
     pub outbound: Arc<dyn Outbound>,
     pub media: media::MediaClient,
+    /// Resolves provider media IDs into URLs (WhatsApp); `None` for URL-only kinds.
+    pub resolver: Option<Arc<dyn crate::adapters::MediaResolver>>,
 }
 
 /// A file an agent attaches to a reply or an outbound message.
@@ -136,16 +138,21 @@ impl Gateway {
         // refuses the whole webhook and nothing is stored half-way.
         let mut prepared = Vec::with_capacity(items.len());
         for item in items {
-            match item {
-                Inbound::Message(m) => {
-                    let id = DigitalId::parse(kind, &m.from).map_err(|e| {
-                        self.metrics.webhook_rejected(kind, "malformed");
-                        IntakeError::Malformed(format!("sender: {e}"))
-                    })?;
-                    prepared.push((Some(id), Inbound::Message(m)));
-                }
-                other => prepared.push((None, other)),
-            }
+            let from = match &item {
+                Inbound::Message(m) | Inbound::Echo(m) => Some(m.from.as_str()),
+                Inbound::Reaction(r) => Some(r.from.as_str()),
+                Inbound::Retraction { from, .. } => Some(from.as_str()),
+                Inbound::Watermark(w) => Some(w.from.as_str()),
+                Inbound::Status(_) => None,
+            };
+            let id = match from {
+                Some(f) => Some(DigitalId::parse(kind, f).map_err(|e| {
+                    self.metrics.webhook_rejected(kind, "malformed");
+                    IntakeError::Malformed(format!("sender: {e}"))
+                })?),
+                None => None,
+            };
+            prepared.push((id, item));
         }
         let mut outcome = IngestOutcome {
             ack: ch.intake.ack(),
@@ -155,8 +162,14 @@ impl Gateway {
         for (id, item) in prepared {
             let fresh = match (item, id) {
                 (Inbound::Message(m), Some(id)) => self.receive_message(&ch, id, m).await?,
+                (Inbound::Echo(m), Some(id)) => self.receive_echo(&ch, id, m).await?,
+                (Inbound::Reaction(r), Some(id)) => self.receive_reaction(&ch, id, r).await?,
+                (Inbound::Retraction { provider_id, .. }, Some(_)) => {
+                    self.receive_retraction(&ch, &provider_id).await?
+                }
+                (Inbound::Watermark(w), Some(id)) => self.receive_watermark(&ch, id, w).await?,
                 (Inbound::Status(s), _) => self.receive_status(&ch, s).await?,
-                (Inbound::Message(_), None) => unreachable!("messages are prepared with an id"),
+                (_, None) => unreachable!("every item with a sender is prepared with its id"),
             };
             if fresh {
                 outcome.stored += 1;
@@ -178,7 +191,14 @@ impl Gateway {
             // budget well inside it, and what does not fit is marked failed
             // (retryable from its source URL) rather than making the provider retry.
             let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-            let fetched = match tokio::time::timeout(left, ch.media.fetch(media)).await {
+            let fetch = async {
+                let resolved = match (&ch.resolver, &media.media_id) {
+                    (Some(r), Some(_)) => r.resolve(media).await?,
+                    _ => media.clone(),
+                };
+                ch.media.fetch(&resolved).await
+            };
+            let fetched = match tokio::time::timeout(left, fetch).await {
                 Ok(r) => r,
                 Err(_) => Err(format!(
                     "media download timed out after {} s",
@@ -230,26 +250,41 @@ impl Gateway {
             return Ok(false);
         }
         let attachments = self.download_media(ch, &m).await;
-        let key = contact_key(kind, channel_id, digital_id.as_str());
+        let aliases: Vec<DigitalId> = m
+            .aliases
+            .iter()
+            .filter_map(|a| DigitalId::parse(kind, a).ok())
+            .filter(|a| *a != digital_id)
+            .collect();
         let message_id = new_id();
+        let reply_to = match &m.reply_to {
+            Some(pid) => self.find_message(channel_id, pid).await?,
+            None => None,
+        };
         for _ in 0..MAX_RETRIES {
             let now = Utc::now();
-            let mut contact = match self.store.contact(&key).await? {
-                Some(c) => c,
-                None => Contact {
-                    id: new_id(),
-                    key: key.clone(),
-                    version: 0,
-                    channel_kind: kind,
-                    digital_id: digital_id.to_string(),
-                    name: None,
-                    aliases: vec![],
-                    cases: vec![],
-                    latest: Default::default(),
-                    opted_out: false,
-                    created_at: now,
-                },
-            };
+            let mut contact = self
+                .find_or_new_contact(ch, &digital_id, &aliases, now)
+                .await?;
+            let mut index = vec![];
+            for alias in &aliases {
+                if !contact.aliases.iter().any(|a| a == alias.as_str())
+                    && contact.digital_id != alias.as_str()
+                {
+                    contact.aliases.push(alias.to_string());
+                }
+            }
+            if contact.digital_id != digital_id.as_str()
+                && !contact.aliases.iter().any(|a| a == digital_id.as_str())
+            {
+                contact.aliases.push(digital_id.to_string());
+            }
+            for alias in &contact.aliases {
+                index.push(Claim {
+                    key: format!("contact-alias:{}", contact_key(kind, channel_id, alias)),
+                    value: contact.key.clone(),
+                });
+            }
             if let Some(name) = &m.contact_name {
                 contact.name = Some(name.clone());
             }
@@ -297,9 +332,17 @@ impl Gateway {
                 provider_id: Some(m.provider_id.clone()),
                 author: None,
                 sms: None,
+                reply_to: reply_to
+                    .as_ref()
+                    .filter(|(case, _)| *case == interaction.case_number)
+                    .map(|(_, mid)| mid.clone()),
+                reactions: vec![],
+                retracted: false,
+                kind: m.kind.clone(),
             };
             let events = interaction.receive(msg, now, created);
             let case_number = interaction.case_number;
+            index.extend(attachment_index(case_number, &message_id, &attachments));
             let commit = Commit {
                 contact: Some(contact),
                 interaction: Some(interaction),
@@ -307,8 +350,338 @@ impl Gateway {
                     key: claim_key.clone(),
                     value: format!("{case_number}:{message_id}"),
                 }],
-                index: attachment_index(case_number, &message_id, &attachments),
+                index,
                 events,
+                ..Commit::default()
+            };
+            match self.store.commit(commit).await {
+                Ok(_) => return Ok(true),
+                Err(StoreError::Conflict) => continue,
+                Err(StoreError::Duplicate { .. }) => return Ok(false),
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(StoreError::Unavailable("too many concurrent changes; try again".into()).into())
+    }
+
+    /// The contact holding any of these IDs (the first is the primary), or a new one.
+    async fn find_or_new_contact(
+        &self,
+        ch: &ChannelRuntime,
+        digital_id: &DigitalId,
+        aliases: &[DigitalId],
+        now: DateTime<Utc>,
+    ) -> GResult<Contact> {
+        let kind = ch.config.kind;
+        let channel_id = &ch.config.id;
+        for id in std::iter::once(digital_id).chain(aliases) {
+            let key = contact_key(kind, channel_id, id.as_str());
+            if let Some(c) = self.store.contact(&key).await? {
+                return Ok(c);
+            }
+            if let Some(primary) = self.store.lookup(&format!("contact-alias:{key}")).await? {
+                if let Some(c) = self.store.contact(&primary).await? {
+                    return Ok(c);
+                }
+            }
+        }
+        Ok(Contact {
+            id: new_id(),
+            key: contact_key(kind, channel_id, digital_id.as_str()),
+            version: 0,
+            channel_kind: kind,
+            digital_id: digital_id.to_string(),
+            name: None,
+            aliases: vec![],
+            cases: vec![],
+            latest: Default::default(),
+            opted_out: false,
+            created_at: now,
+        })
+    }
+
+    /// Our `(case, message id)` of a provider message ID, inbound or outbound.
+    async fn find_message(
+        &self,
+        channel_id: &str,
+        provider_id: &str,
+    ) -> GResult<Option<(u64, String)>> {
+        for prefix in ["msg", "out"] {
+            if let Some(v) = self
+                .store
+                .lookup(&format!("{prefix}:{channel_id}:{provider_id}"))
+                .await?
+            {
+                return Ok(parse_target(&v));
+            }
+        }
+        Ok(None)
+    }
+
+    /// Changes one message of an interaction, with a dedupe claim, and emits `message.updated`.
+    async fn change_message(
+        &self,
+        case: u64,
+        message_id: &str,
+        claim: String,
+        f: impl Fn(&mut Message) -> bool,
+    ) -> GResult<bool> {
+        for _ in 0..MAX_RETRIES {
+            let Some(mut i) = self.store.interaction(case).await? else {
+                return Ok(true);
+            };
+            let Some(m) = i.messages.iter_mut().find(|m| m.id == message_id) else {
+                return Ok(true);
+            };
+            let changed = f(m);
+            let snapshot = m.public();
+            let mut commit = Commit {
+                claims: vec![Claim {
+                    key: claim.clone(),
+                    value: format!("{case}:{message_id}"),
+                }],
+                ..Commit::default()
+            };
+            if changed {
+                commit.events = vec![crate::domain::EventDraft {
+                    kind: "message.updated".into(),
+                    at: Utc::now(),
+                    case_number: case,
+                    channel: serde_json::json!({"id": i.channel_id, "kind": i.channel_kind}),
+                    data: serde_json::json!({"message": snapshot}),
+                }];
+                commit.interaction = Some(i);
+            }
+            match self.store.commit(commit).await {
+                Ok(_) => return Ok(true),
+                Err(StoreError::Conflict) => continue,
+                Err(StoreError::Duplicate { .. }) => return Ok(false),
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(StoreError::Unavailable("too many concurrent changes; try again".into()).into())
+    }
+
+    /// A reaction is stored on the message it reacts to; an unknown target is ignored.
+    async fn receive_reaction(
+        &self,
+        ch: &ChannelRuntime,
+        from: DigitalId,
+        r: crate::adapters::Reaction,
+    ) -> GResult<bool> {
+        let claim = format!("reaction:{}:{}", ch.config.id, r.provider_id);
+        if self.store.lookup(&claim).await?.is_some() {
+            return Ok(false);
+        }
+        let Some((case, mid)) = self
+            .find_message(&ch.config.id, &r.target_provider_id)
+            .await?
+        else {
+            return Ok(true);
+        };
+        let emoji = r.emoji.clone();
+        self.change_message(case, &mid, claim, |m| {
+            m.react(from.as_str(), emoji.as_deref(), r.sent_at)
+        })
+        .await
+    }
+
+    /// A message the customer deleted is marked retracted.
+    async fn receive_retraction(&self, ch: &ChannelRuntime, provider_id: &str) -> GResult<bool> {
+        let claim = format!("retract:{}:{provider_id}", ch.config.id);
+        if self.store.lookup(&claim).await?.is_some() {
+            return Ok(false);
+        }
+        let Some((case, mid)) = self.find_message(&ch.config.id, provider_id).await? else {
+            return Ok(true);
+        };
+        self.change_message(case, &mid, claim, |m| {
+            let was = m.retracted;
+            m.retracted = true;
+            !was
+        })
+        .await
+    }
+
+    /// Delivery and read watermarks move every covered message of the customer's latest interaction.
+    async fn receive_watermark(
+        &self,
+        ch: &ChannelRuntime,
+        from: DigitalId,
+        w: crate::adapters::Watermark,
+    ) -> GResult<bool> {
+        let key = contact_key(ch.config.kind, &ch.config.id, from.as_str());
+        let Some(contact) = self.store.contact(&key).await? else {
+            return Ok(true);
+        };
+        let Some(case) = contact.latest.get(&ch.config.id).copied() else {
+            return Ok(true);
+        };
+        for _ in 0..MAX_RETRIES {
+            let Some(mut i) = self.store.interaction(case).await? else {
+                return Ok(true);
+            };
+            let now = Utc::now();
+            let covered: Vec<String> = i
+                .messages
+                .iter()
+                .filter(|m| m.direction == Direction::Outbound)
+                .filter(|m| {
+                    m.provider_id
+                        .as_ref()
+                        .is_some_and(|p| w.provider_ids.contains(p))
+                        || (m.provider_id.is_some() && m.sent_at <= w.up_to)
+                })
+                .map(|m| m.id.clone())
+                .collect();
+            let mut events = vec![];
+            for mid in covered {
+                events.extend(i.apply_delivery(&mid, w.status, None, None, now));
+            }
+            if events.is_empty() {
+                return Ok(true);
+            }
+            let commit = Commit {
+                events,
+                interaction: Some(i),
+                ..Commit::default()
+            };
+            match self.store.commit(commit).await {
+                Ok(_) => return Ok(true),
+                Err(StoreError::Conflict) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(StoreError::Unavailable("too many concurrent changes; try again".into()).into())
+    }
+
+    /// A business message echoed back by the provider. Ours is matched (and
+    /// counts as accepted); one sent elsewhere (the Page inbox) is recorded
+    /// as outbound. Never a customer message.
+    async fn receive_echo(
+        &self,
+        ch: &ChannelRuntime,
+        to: DigitalId,
+        m: InboundMessage,
+    ) -> GResult<bool> {
+        let channel_id = &ch.config.id;
+        let kind = ch.config.kind;
+        let claim_key = format!("echo:{channel_id}:{}", m.provider_id);
+        if self.store.lookup(&claim_key).await?.is_some() {
+            return Ok(false);
+        }
+        if let Some((case, mid)) = self.find_message(channel_id, &m.provider_id).await? {
+            return self
+                .apply_delivery(
+                    case,
+                    &mid,
+                    DeliveryStatus::Sent,
+                    None,
+                    None,
+                    Some(claim_key),
+                )
+                .await;
+        }
+        let key = contact_key(kind, channel_id, to.as_str());
+        let contact = self.store.contact(&key).await?;
+        let latest = contact
+            .as_ref()
+            .and_then(|c| c.latest.get(channel_id).copied());
+        if let Some(case) = latest {
+            if let Some(i) = self.store.interaction(case).await? {
+                // Ours, echoed before our own record of the send landed: the
+                // metadata names it, or it is the one queued with the same text.
+                let ours = i.messages.iter().find(|x| {
+                    x.direction == Direction::Outbound
+                        && (m.echo_of.as_deref() == Some(x.id.as_str())
+                            || (m.echo_of.is_none()
+                                && x.status == DeliveryStatus::Queued
+                                && x.text == m.text))
+                });
+                if let Some(x) = ours {
+                    return self
+                        .apply_delivery(
+                            case,
+                            &x.id.clone(),
+                            DeliveryStatus::Sent,
+                            Some(m.provider_id.clone()),
+                            None,
+                            Some(claim_key),
+                        )
+                        .await;
+                }
+            }
+        }
+        // Sent from elsewhere: record it on the contact's interaction.
+        let attachments = self.download_media(ch, &m).await;
+        let message_id = new_id();
+        for _ in 0..MAX_RETRIES {
+            let now = Utc::now();
+            let mut contact = self.find_or_new_contact(ch, &to, &[], now).await?;
+            let existing = match contact.latest.get(channel_id) {
+                Some(case) => self.store.interaction(*case).await?,
+                None => None,
+            };
+            let mut i = match existing {
+                Some(i) => i,
+                None => {
+                    let case_number = self.store.next_case_number().await?;
+                    let mut i = Interaction::new(NewInteraction {
+                        case_number,
+                        channel_id: channel_id.clone(),
+                        channel_kind: kind,
+                        digital_id: to.to_string(),
+                        contact_id: contact.id.clone(),
+                        contact_name: contact.name.clone(),
+                        queue: ch.config.queue.clone(),
+                        now,
+                    });
+                    i.status = Status::Resolved;
+                    i.in_queue = false;
+                    contact.cases.push(case_number);
+                    contact.latest.insert(channel_id.clone(), case_number);
+                    i
+                }
+            };
+            let msg = Message {
+                id: message_id.clone(),
+                direction: Direction::Outbound,
+                text: m.text.clone(),
+                attachments: attachments.clone(),
+                sent_at: m.sent_at,
+                status: DeliveryStatus::Sent,
+                error: None,
+                provider_id: Some(m.provider_id.clone()),
+                author: None,
+                sms: None,
+                reply_to: None,
+                reactions: vec![],
+                retracted: false,
+                kind: Some("sent_elsewhere".into()),
+            };
+            let event = crate::domain::EventDraft {
+                kind: "message.sent".into(),
+                at: now,
+                case_number: i.case_number,
+                channel: serde_json::json!({"id": channel_id, "kind": kind}),
+                data: serde_json::json!({"message_id": message_id, "status": "sent", "provider_id": m.provider_id, "sent_elsewhere": true, "message": msg.public()}),
+            };
+            i.messages.push(msg);
+            let case_number = i.case_number;
+            let mut index = attachment_index(case_number, &message_id, &attachments);
+            index.push(Claim {
+                key: format!("out:{channel_id}:{}", m.provider_id),
+                value: format!("{case_number}:{message_id}"),
+            });
+            let commit = Commit {
+                contact: Some(contact),
+                interaction: Some(i),
+                claims: vec![Claim {
+                    key: claim_key.clone(),
+                    value: format!("{case_number}:{message_id}"),
+                }],
+                index,
+                events: vec![event],
                 ..Commit::default()
             };
             match self.store.commit(commit).await {
@@ -752,6 +1125,10 @@ impl Gateway {
             provider_id: None,
             author: Some(agent.to_string()),
             sms,
+            reply_to: None,
+            reactions: vec![],
+            retracted: false,
+            kind: None,
         }
     }
 
@@ -763,6 +1140,7 @@ impl Gateway {
         text: &str,
         uploads: &[Upload],
         idempotency_key: Option<&str>,
+        reply_to: Option<&str>,
     ) -> GResult<(Interaction, Message)> {
         let idem = idempotency_key.map(|k| format!("idem:{}:{k}", actor.id()));
         if let Some(key) = &idem {
@@ -801,7 +1179,21 @@ impl Gateway {
             }
         }
         let attachments = self.store_uploads(uploads).await?;
-        let msg = self.outgoing_message(current.channel_kind, actor.id(), text, attachments, now);
+        let mut msg =
+            self.outgoing_message(current.channel_kind, actor.id(), text, attachments, now);
+        if let Some(rid) = reply_to {
+            if !current
+                .messages
+                .iter()
+                .any(|m| m.id == rid && m.provider_id.is_some())
+            {
+                return Err(validation(
+                    "reply_to",
+                    format!("no message {rid} in this interaction"),
+                ));
+            }
+            msg.reply_to = Some(rid.to_string());
+        }
         let channel_id = current.channel_id.clone();
         let result = self
             .change(actor, case, |i, now| {

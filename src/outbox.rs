@@ -130,7 +130,20 @@ async fn deliver(g: &Arc<Gateway>, job: OutboxJob) -> Result<Outcome, StoreError
         .await;
     };
     let kind = ch.config.kind;
+    let reply_to = msg.reply_to.as_ref().and_then(|rid| {
+        i.messages
+            .iter()
+            .find(|m| m.id == *rid)
+            .and_then(|m| m.provider_id.clone())
+    });
+    // Past the standard window, a channel configured for it sends with the
+    // HUMAN_AGENT tag (the window computation says when).
+    let tag = g
+        .window(&i, Utc::now())
+        .and_then(|w| w["tag"].as_str().map(str::to_string));
     let out = OutgoingMessage {
+        reply_to,
+        tag,
         id: msg.id.clone(),
         to: i.digital_id.clone(),
         text: msg.text.clone(),

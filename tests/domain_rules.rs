@@ -64,6 +64,10 @@ fn inbound(id: &str, text: &str, at: DateTime<Utc>) -> Message {
         provider_id: Some(format!("wamid.{id}")),
         author: None,
         sms: None,
+        reply_to: None,
+        reactions: vec![],
+        retracted: false,
+        kind: None,
     }
 }
 
@@ -79,6 +83,10 @@ fn outbound(id: &str, text: &str, at: DateTime<Utc>) -> Message {
         provider_id: None,
         author: Some("anne".into()),
         sms: None,
+        reply_to: None,
+        reactions: vec![],
+        retracted: false,
+        kind: None,
     }
 }
 

@@ -62,6 +62,7 @@ fn media(url: String) -> MediaRef {
         url,
         content_type: Some("image/jpeg".into()),
         filename: None,
+        media_id: None,
     }
 }
 
@@ -81,6 +82,7 @@ fn reply(text: &str, media_urls: &[&str]) -> OutgoingMessage {
                 public_url: u.to_string(),
             })
             .collect(),
+        ..OutgoingMessage::default()
     }
 }
 

@@ -166,6 +166,10 @@ fn inbound(text: &str, now: DateTime<Utc>) -> Message {
         provider_id: Some(format!("wamid.{}", new_id())),
         author: None,
         sms: None,
+        reply_to: None,
+        reactions: vec![],
+        retracted: false,
+        kind: None,
     }
 }
 

@@ -372,6 +372,7 @@ mod tests {
                 url: url.into(),
                 content_type: None,
                 filename: None,
+                media_id: None,
             };
             let c = c.clone();
             async move { c.fetch(&m).await.unwrap_err() }

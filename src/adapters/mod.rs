@@ -15,6 +15,7 @@
 //! network; only `send` and media downloads touch it.
 
 pub mod media;
+pub mod meta;
 pub mod sms;
 
 use crate::domain::DeliveryStatus;
@@ -69,11 +70,15 @@ impl<'a> Verified<'a> {
 }
 
 /// Media a provider holds for an inbound message, to download at once.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Default)]
 pub struct MediaRef {
+    /// Where to download it (empty when only `media_id` is known).
     pub url: String,
     pub content_type: Option<String>,
     pub filename: Option<String>,
+    /// A provider media ID that must be resolved into a URL first
+    /// (WhatsApp), by the channel's [`MediaResolver`].
+    pub media_id: Option<String>,
 }
 
 /// What SMS keywords do to a contact's consent.
@@ -83,11 +88,23 @@ pub enum Consent {
     OptIn,
 }
 
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Default)]
 pub struct InboundMessage {
     pub provider_id: String,
     /// The sender's ID as the provider gave it; the gateway canonicalises it.
+    /// For an [`Inbound::Echo`], the customer the message went to.
     pub from: String,
+    /// Other IDs of the same sender (WhatsApp: the business-scoped `user_id`
+    /// beside the `wa_id`). The contact keeps them all.
+    pub aliases: Vec<String>,
+    /// The provider ID of the message this one answers (a quoted reply).
+    pub reply_to: Option<String>,
+    /// What kind of message it was when not plain text or media
+    /// (`location`, `contacts`, `unsupported`, `story_mention`, ...).
+    pub kind: Option<String>,
+    /// For an echo: our own message ID, when the provider carried it back
+    /// (Messenger's `metadata`).
+    pub echo_of: Option<String>,
     pub contact_name: Option<String>,
     pub text: String,
     /// The provider's timestamp (or the receive time where it gives none).
@@ -104,10 +121,46 @@ pub struct StatusUpdate {
     pub error: Option<String>,
 }
 
+/// A customer's reaction to a message (an emoji), or its removal.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Reaction {
+    /// A unique ID of this reaction event, for dedupe.
+    pub provider_id: String,
+    pub from: String,
+    /// The provider ID of the message reacted to.
+    pub target_provider_id: String,
+    /// `None` when the reaction was removed.
+    pub emoji: Option<String>,
+    pub sent_at: DateTime<Utc>,
+}
+
+/// Delivery or read up to a moment, for every message to one customer
+/// (Messenger and Instagram watermarks).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Watermark {
+    /// The customer whose client reported it.
+    pub from: String,
+    pub status: DeliveryStatus,
+    /// Every message sent up to this moment is covered.
+    pub up_to: DateTime<Utc>,
+    /// Messages named explicitly (Messenger `delivery.mids`).
+    pub provider_ids: Vec<String>,
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub enum Inbound {
     Message(InboundMessage),
     Status(StatusUpdate),
+    Reaction(Reaction),
+    /// The customer deleted (unsent) a message: it is marked retracted, not removed.
+    Retraction {
+        provider_id: String,
+        from: String,
+    },
+    /// A message the business sent, echoed back by the provider: ours
+    /// (matched, never a customer message) or sent elsewhere (recorded as outbound).
+    Echo(InboundMessage),
+    Watermark(Watermark),
 }
 
 /// The answer a provider expects.
@@ -154,7 +207,7 @@ pub struct OutgoingAttachment {
     pub public_url: String,
 }
 
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Default)]
 pub struct OutgoingMessage {
     /// Our message ID.
     pub id: String,
@@ -162,6 +215,10 @@ pub struct OutgoingMessage {
     pub to: String,
     pub text: String,
     pub attachments: Vec<OutgoingAttachment>,
+    /// The provider ID of the customer's message this reply quotes.
+    pub reply_to: Option<String>,
+    /// A message tag that extends the window (`HUMAN_AGENT`), when needed.
+    pub tag: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -181,6 +238,8 @@ pub struct DeliveryError {
     pub retry_after: Option<Duration>,
     /// The channel's credentials were refused: the channel needs re-authorisation.
     pub needs_reauth: bool,
+    /// The provider refused because the messaging window is closed.
+    pub window_closed: bool,
 }
 
 impl DeliveryError {
@@ -191,6 +250,7 @@ impl DeliveryError {
             retryable: true,
             retry_after: None,
             needs_reauth: false,
+            window_closed: false,
         }
     }
     pub fn permanent(message: impl Into<String>) -> DeliveryError {
@@ -202,6 +262,12 @@ impl DeliveryError {
     pub fn is_retryable(&self) -> bool {
         self.retryable
     }
+}
+
+/// Turns a provider media ID into something [`media::MediaClient`] can download.
+#[async_trait]
+pub trait MediaResolver: Send + Sync {
+    async fn resolve(&self, media: &MediaRef) -> Result<MediaRef, String>;
 }
 
 #[async_trait]

@@ -130,9 +130,43 @@ pub struct Message {
     /// SMS only: `{"encoding", "segments"}` of an outbound text.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sms: Option<serde_json::Value>,
+    /// Our ID of the message this one quotes (a reply in context).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reply_to: Option<String>,
+    /// Reactions to this message, one per person at most.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub reactions: Vec<MessageReaction>,
+    /// The customer deleted (unsent) it; the text stays for the record.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub retracted: bool,
+    /// What it was when not plain text or media (`location`, `unsupported`, ...).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kind: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MessageReaction {
+    /// The digital ID of who reacted.
+    pub from: String,
+    pub emoji: String,
+    pub at: DateTime<Utc>,
 }
 
 impl Message {
+    /// Sets (or with `None` removes) `from`'s reaction. Returns whether anything changed.
+    pub fn react(&mut self, from: &str, emoji: Option<&str>, at: DateTime<Utc>) -> bool {
+        let before = self.reactions.clone();
+        self.reactions.retain(|r| r.from != from);
+        if let Some(e) = emoji {
+            self.reactions.push(MessageReaction {
+                from: from.to_string(),
+                emoji: e.to_string(),
+                at,
+            });
+        }
+        self.reactions != before
+    }
+
     /// The message as agents, events and routing engines see it: without
     /// the provider's media URLs (kept only to retry a failed download).
     pub fn public(&self) -> Message {

@@ -450,6 +450,7 @@ async fn reply(
     let case = case_number(&path)?;
     let form = read_form(&req, payload, "attachments").await?;
     let text = opt_str(&form.fields, "text")?.unwrap_or_default();
+    let reply_to = opt_str(&form.fields, "reply_to")?;
     let key = req
         .headers()
         .get("idempotency-key")
@@ -463,7 +464,14 @@ async fn reply(
     }
     let (i, msg) = state
         .gateway
-        .reply(&actor, case, &text, &form.uploads, key.as_deref())
+        .reply(
+            &actor,
+            case,
+            &text,
+            &form.uploads,
+            key.as_deref(),
+            reply_to.as_deref(),
+        )
         .await?;
     Ok(HttpResponse::Accepted()
         .json(json!({"case_number": i.case_number, "message": msg, "status": msg.status})))

@@ -293,6 +293,7 @@ fn inbound_message(
             url: url.to_string(),
             content_type: p.value(&format!("MediaContentType{n}")).map(str::to_string),
             filename: None,
+            media_id: None,
         });
     }
     let text = p.get("Body").unwrap_or("").to_string();
@@ -304,6 +305,7 @@ fn inbound_message(
         text,
         sent_at: now,
         media,
+        ..InboundMessage::default()
     })
 }
 
@@ -741,11 +743,13 @@ mod tests {
                     url: format!("{base}/ME1a3c5e7b9d0f2a4c6e8b0d2f4a6c8e9b"),
                     content_type: Some("image/jpeg".into()),
                     filename: None,
+                    media_id: None,
                 },
                 MediaRef {
                     url: format!("{base}/ME2b4d6f8a0c1e3b5d7f9a1c3e5b7d9f0a"),
                     content_type: Some("application/pdf".into()),
                     filename: None,
+                    media_id: None,
                 },
             ]
         );
