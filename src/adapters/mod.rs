@@ -45,6 +45,17 @@ impl<'a> RawRequest<'a> {
     }
 }
 
+/// A webhook exactly as a provider would post it to `path` on the gateway
+/// (built by each adapter's `simulate_*` functions for `switchboard simulate`,
+/// the demo sandbox and tests).
+#[derive(Debug, Clone, PartialEq)]
+pub struct SimulatedRequest {
+    pub path: String,
+    pub content_type: String,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
 /// A request whose signature has been checked. Only an adapter's `verify`
 /// makes one, so `normalize` cannot be handed unverified bytes.
 #[derive(Debug)]

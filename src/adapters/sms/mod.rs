@@ -78,14 +78,7 @@ enum Sender {
     MessagingService(String),
 }
 
-/// A webhook exactly as Twilio would post it to `path` on the gateway.
-#[derive(Debug, Clone, PartialEq)]
-pub struct SimulatedRequest {
-    pub path: String,
-    pub content_type: String,
-    pub headers: Vec<(String, String)>,
-    pub body: Vec<u8>,
-}
+pub use super::SimulatedRequest;
 
 /// `api_base` of a channel: the configured one or Twilio's, without a trailing slash.
 pub fn api_base(cfg: &ChannelConfig) -> String {
