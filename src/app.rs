@@ -2,7 +2,7 @@
 //! builds the channels, binds the listener (port 0 works) and starts the
 //! workers. `serve` and the black-box tests build the same application.
 
-use crate::adapters::{media::MediaClient, sms};
+use crate::adapters::{media::MediaClient, messenger, sms, whatsapp};
 use crate::config::{Backend, Settings};
 use crate::domain::{new_secret, ChannelKind};
 use crate::gateway::{ChannelRuntime, Gateway};
@@ -88,6 +88,34 @@ pub fn build_channels(settings: &Settings) -> anyhow::Result<HashMap<String, Arc
                     intake: adapter.clone(),
                     outbound: adapter,
                     media: MediaClient::new(c, m, sms::media_credentials(c)),
+                    resolver: None,
+                }
+            }
+            ChannelKind::Whatsapp => {
+                let adapter =
+                    Arc::new(whatsapp::WhatsAppChannel::new(c).map_err(anyhow::Error::msg)?);
+                ChannelRuntime {
+                    config: c.clone(),
+                    manifest: m,
+                    intake: adapter.clone(),
+                    outbound: adapter.clone(),
+                    // Meta's media URLs (lookaside.fbsbx.com) want the bearer token too.
+                    media: MediaClient::new(c, m, whatsapp::media_credentials(c))
+                        .with_credential_hosts(vec!["lookaside.fbsbx.com".into()]),
+                    resolver: Some(adapter),
+                }
+            }
+            ChannelKind::Facebook | ChannelKind::Instagram => {
+                let adapter = Arc::new(
+                    messenger::MessengerChannel::new(c)
+                        .map_err(|e| anyhow::anyhow!("channel {}: {e}", c.id))?,
+                );
+                ChannelRuntime {
+                    config: c.clone(),
+                    manifest: m,
+                    intake: adapter.clone(),
+                    outbound: adapter,
+                    media: MediaClient::new(c, m, messenger::media_credentials(c)),
                     resolver: None,
                 }
             }

@@ -18,6 +18,9 @@ use std::collections::HashMap;
 /// webhooks for a running demo without reading anything from it.
 pub const DEMO_TWILIO_ACCOUNT_SID: &str = "AC00000000000000000000000000000000";
 pub const DEMO_TWILIO_AUTH_TOKEN: &str = "demo-twilio-auth-token";
+pub const DEMO_META_APP_SECRET: &str = "demo-meta-app-secret";
+pub const DEMO_META_VERIFY_TOKEN: &str = "demo-meta-verify-token";
+pub const DEMO_META_ACCESS_TOKEN: &str = "demo-meta-access-token";
 
 /// The demo configuration, with fresh random agent and service tokens.
 pub fn settings() -> Settings {
@@ -66,6 +69,37 @@ queue = "support"
 account_sid = "{DEMO_TWILIO_ACCOUNT_SID}"
 auth_token = "{DEMO_TWILIO_AUTH_TOKEN}"
 from = "+14155550100"
+
+[[channels]]
+id = "wa-main"
+kind = "whatsapp"
+name = "WhatsApp +1 415 555 0101"
+queue = "support"
+app_secret = "{DEMO_META_APP_SECRET}"
+verify_token = "{DEMO_META_VERIFY_TOKEN}"
+access_token = "{DEMO_META_ACCESS_TOKEN}"
+phone_number_id = "100000000000001"
+
+[[channels]]
+id = "fb-main"
+kind = "facebook"
+name = "Messenger: Demo Page"
+queue = "support"
+app_secret = "{DEMO_META_APP_SECRET}"
+verify_token = "{DEMO_META_VERIFY_TOKEN}"
+page_access_token = "{DEMO_META_ACCESS_TOKEN}"
+page_id = "200000000000001"
+human_agent_tag = true
+
+[[channels]]
+id = "ig-main"
+kind = "instagram"
+name = "Instagram: @demo"
+queue = "sales"
+app_secret = "{DEMO_META_APP_SECRET}"
+verify_token = "{DEMO_META_VERIFY_TOKEN}"
+access_token = "{DEMO_META_ACCESS_TOKEN}"
+ig_account_id = "17841400000000000"
 "#
     ))
     .expect("the demo configuration parses");
@@ -101,8 +135,13 @@ from = "+14155550100"
 pub fn point_at_sandbox(s: &mut Settings) {
     let base = s.server.public_url();
     for c in &mut s.channels {
-        if c.kind == crate::domain::ChannelKind::Sms {
-            c.api_base = Some(format!("{base}/sandbox/twilio"));
+        use crate::domain::ChannelKind::*;
+        match c.kind {
+            Sms => c.api_base = Some(format!("{base}/sandbox/twilio")),
+            Whatsapp | Facebook | Instagram => {
+                c.api_base = Some(format!("{base}/sandbox/graph/v25.0"))
+            }
+            _ => {}
         }
         let host = url::Url::parse(&base)
             .ok()
@@ -116,7 +155,127 @@ pub fn configure_sandbox(cfg: &mut web::ServiceConfig) {
     cfg.route(
         "/sandbox/twilio/2010-04-01/Accounts/{sid}/Messages.json",
         web::post().to(twilio_send),
+    )
+    .route(
+        "/sandbox/graph/v25.0/{id}/messages",
+        web::post().to(graph_send),
+    )
+    .route(
+        "/sandbox/graph/v25.0/{id}/media",
+        web::post().to(graph_upload),
     );
+}
+
+/// The Meta channel whose phone number, page or account id is `id`, if the bearer token is its own.
+fn meta_channel(
+    state: &State,
+    id: &str,
+    req: &HttpRequest,
+) -> Result<crate::config::ChannelConfig, Box<HttpResponse>> {
+    let ch = state
+        .gateway
+        .settings
+        .channels
+        .iter()
+        .find(|c| [c.str("phone_number_id"), c.str("page_id"), c.str("ig_account_id")].contains(&Some(id)))
+        .cloned()
+        .ok_or_else(|| {
+            Box::new(HttpResponse::BadRequest().json(json!({"error": {"message": format!("Unsupported post request. Object with ID '{id}' does not exist"), "type": "GraphMethodException", "code": 100}})))
+        })?;
+    let token = ch
+        .str("access_token")
+        .or(ch.str("page_access_token"))
+        .unwrap_or("");
+    let presented = req
+        .headers()
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    if presented != token {
+        return Err(Box::new(HttpResponse::Unauthorized().json(json!({"error": {"message": "Invalid OAuth access token - Cannot parse access token", "type": "OAuthException", "code": 190}}))));
+    }
+    Ok(ch)
+}
+
+/// Posts a signed webhook to this gateway, as the provider would, a little later.
+fn deliver_later(public_url: String, requests: Vec<crate::adapters::SimulatedRequest>) {
+    tokio::spawn(async move {
+        let http = reqwest::Client::new();
+        for r in requests {
+            tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+            let mut rb = http
+                .post(format!("{public_url}{}", r.path))
+                .header("content-type", r.content_type.clone());
+            for (k, v) in &r.headers {
+                rb = rb.header(k, v);
+            }
+            if let Err(e) = rb.body(r.body.clone()).send().await {
+                tracing::warn!(error = %e, "sandbox webhook failed");
+            }
+        }
+    });
+}
+
+/// Accepts a Graph API send (WhatsApp, Messenger, Instagram) and reports it delivered.
+async fn graph_send(
+    state: web::Data<State>,
+    path: web::Path<String>,
+    req: HttpRequest,
+    body: web::Bytes,
+) -> HttpResponse {
+    let ch = match meta_channel(&state, &path, &req) {
+        Ok(c) => c,
+        Err(resp) => return *resp,
+    };
+    let v: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+    let public_url = state.gateway.settings.server.public_url();
+    match ch.kind {
+        crate::domain::ChannelKind::Whatsapp => {
+            let to = v["to"].as_str().unwrap_or("").to_string();
+            let wamid = format!("wamid.{}", new_id());
+            deliver_later(
+                public_url,
+                vec![
+                    crate::adapters::whatsapp::simulate_status(&ch, &wamid, "sent", &to),
+                    crate::adapters::whatsapp::simulate_status(&ch, &wamid, "delivered", &to),
+                ],
+            );
+            HttpResponse::Ok().json(json!({"messaging_product": "whatsapp", "contacts": [{"input": to, "wa_id": to}], "messages": [{"id": wamid}]}))
+        }
+        _ => {
+            let to = v["recipient"]["id"].as_str().unwrap_or("").to_string();
+            let mid = format!("m_{}", new_id());
+            let object = if ch.kind == crate::domain::ChannelKind::Facebook {
+                "page"
+            } else {
+                "instagram"
+            };
+            let delivery = json!({"object": object, "entry": [{"id": path.as_str(), "time": chrono::Utc::now().timestamp_millis(),
+                "messaging": [{"sender": {"id": to}, "recipient": {"id": path.as_str()},
+                    "delivery": {"mids": [mid], "watermark": chrono::Utc::now().timestamp_millis() + 1000}}]}]});
+            deliver_later(
+                public_url,
+                vec![crate::adapters::messenger::simulate_payload(
+                    &ch,
+                    &serde_json::to_vec(&delivery).unwrap_or_default(),
+                )],
+            );
+            HttpResponse::Ok().json(json!({"recipient_id": to, "message_id": mid}))
+        }
+    }
+}
+
+/// Accepts a WhatsApp media upload.
+async fn graph_upload(
+    state: web::Data<State>,
+    path: web::Path<String>,
+    req: HttpRequest,
+) -> HttpResponse {
+    match meta_channel(&state, &path, &req) {
+        Ok(_) => HttpResponse::Ok().json(json!({"id": format!("{}", rand::random::<u64>())})),
+        Err(resp) => *resp,
+    }
 }
 
 /// Accepts a send as Twilio's Messages API does, then reports it sent and

@@ -12,6 +12,7 @@ pub struct Metrics {
     deduplicated: IntCounterVec,
     deliveries: IntCounterVec,
     pub outbox_depth: IntGauge,
+    channels_unhealthy: prometheus::IntGaugeVec,
 }
 
 impl Default for Metrics {
@@ -55,6 +56,14 @@ impl Metrics {
             &["kind", "outcome"],
         )
         .expect("valid metric");
+        let channels_unhealthy = prometheus::IntGaugeVec::new(
+            Opts::new(
+                "switchboard_channels_unhealthy",
+                "Channels in a health state other than ok (e.g. needs_reauth), by kind and state",
+            ),
+            &["kind", "state"],
+        )
+        .expect("valid metric");
         let outbox_depth =
             IntGauge::new("switchboard_outbox_depth", "Replies waiting in the outbox")
                 .expect("valid metric");
@@ -66,6 +75,9 @@ impl Metrics {
         registry
             .register(Box::new(outbox_depth.clone()))
             .expect("unique metric");
+        registry
+            .register(Box::new(channels_unhealthy.clone()))
+            .expect("unique metric");
         Metrics {
             registry,
             received,
@@ -73,6 +85,7 @@ impl Metrics {
             deduplicated,
             deliveries,
             outbox_depth,
+            channels_unhealthy,
         }
     }
 
@@ -92,6 +105,13 @@ impl Metrics {
         self.deliveries
             .with_label_values(&[kind.as_str(), outcome])
             .inc();
+    }
+
+    /// Sets how many channels of a kind are in an unhealthy `state` (`needs_reauth`, ...).
+    pub fn set_unhealthy(&self, kind: ChannelKind, state: &'static str, count: i64) {
+        self.channels_unhealthy
+            .with_label_values(&[kind.as_str(), state])
+            .set(count);
     }
 
     pub fn render(&self) -> String {

@@ -1,6 +1,6 @@
 //! `switchboard simulate`: a webhook exactly as a channel's provider would send it.
 
-use crate::adapters::sms;
+use crate::adapters::{messenger, sms, whatsapp};
 use crate::config::ChannelConfig;
 use crate::domain::{new_id, ChannelKind};
 use std::path::Path;
@@ -29,6 +29,36 @@ pub fn build(
                 from,
                 text.unwrap_or("Hello from the simulator"),
                 &sid,
+            ))
+        }
+        ChannelKind::Whatsapp => {
+            if let Some(path) = file {
+                return Ok(whatsapp::simulate_payload(ch, &std::fs::read(path)?));
+            }
+            let id = format!("wamid.{}", new_id());
+            Ok(whatsapp::simulate_inbound(
+                ch,
+                from.unwrap_or("16315551181"),
+                "Kerry Fisher",
+                text.unwrap_or("Hello from the simulator"),
+                &id,
+            ))
+        }
+        ChannelKind::Facebook | ChannelKind::Instagram => {
+            if let Some(path) = file {
+                return Ok(messenger::simulate_payload(ch, &std::fs::read(path)?));
+            }
+            let mid = format!("m_{}", new_id());
+            let default_from = if ch.kind == ChannelKind::Facebook {
+                "6543210987654321"
+            } else {
+                "17841400000000001"
+            };
+            Ok(messenger::simulate_inbound(
+                ch,
+                from.unwrap_or(default_from),
+                text.unwrap_or("Hello from the simulator"),
+                &mid,
             ))
         }
         other => anyhow::bail!("simulate does not support {other} channels yet"),

@@ -7,7 +7,9 @@
 //!   (by default the `api_base` host plus the manifest's `media_hosts`) are
 //!   fetched; anything else is refused before any request is made;
 //! - credentials go only to the `api_base` origin (scheme, host and port),
-//!   never to a CDN the provider redirects to;
+//!   never to a CDN the provider redirects to, except to the hosts a channel
+//!   names with [`MediaClient::with_credential_hosts`] (over https only:
+//!   WhatsApp's `lookaside.fbsbx.com`, which wants the bearer token too);
 //! - redirects are followed by hand, at most [`MAX_REDIRECTS`], each target
 //!   checked as above;
 //! - a `Content-Length` over the cap is refused up front, and the body is
@@ -48,8 +50,11 @@ pub struct MediaClient {
     pub allowed_hosts: Vec<String>,
     pub credentials: Credentials,
     pub max_bytes: u64,
-    /// Scheme, host and port of `api_base`: the only place credentials go.
+    /// Scheme, host and port of `api_base`: where credentials go.
     api_origin: Option<url::Origin>,
+    /// Hosts besides `api_base` that also get the credentials, over https only
+    /// (lower case; see [`MediaClient::with_credential_hosts`]).
+    pub credential_hosts: Vec<String>,
 }
 
 impl std::fmt::Debug for MediaClient {
@@ -58,6 +63,7 @@ impl std::fmt::Debug for MediaClient {
         f.debug_struct("MediaClient")
             .field("api_host", &self.api_host)
             .field("allowed_hosts", &self.allowed_hosts)
+            .field("credential_hosts", &self.credential_hosts)
             .field("max_bytes", &self.max_bytes)
             .finish_non_exhaustive()
     }
@@ -107,7 +113,35 @@ impl MediaClient {
             credentials,
             max_bytes: MAX_ATTACHMENT_BYTES,
             api_origin,
+            credential_hosts: vec![],
         }
+    }
+
+    /// Also sends the credentials to `hosts` (beside the `api_base` origin),
+    /// for providers whose media CDN wants them too: Meta's Media API says
+    /// the WhatsApp media URL on `lookaside.fbsbx.com` is fetched with the
+    /// bearer token. Only `https` URLs on these hosts get them, and only
+    /// hosts in `allowed_hosts` are fetched at all: this widens where
+    /// credentials go, never where requests go.
+    pub fn with_credential_hosts(mut self, hosts: Vec<String>) -> MediaClient {
+        self.credential_hosts = hosts
+            .iter()
+            .map(|h| normalize_host(h))
+            .filter(|h| !h.is_empty())
+            .collect();
+        self
+    }
+
+    /// Whether a request to `url` carries the channel's credentials.
+    fn gets_credentials(&self, url: &Url) -> bool {
+        if self.api_origin.as_ref() == Some(&url.origin()) {
+            return true;
+        }
+        url.scheme() == "https"
+            && url
+                .host_str()
+                .map(normalize_host)
+                .is_some_and(|h| self.credential_hosts.contains(&h))
     }
 
     /// Checks a URL against the rules; the error is what the user sees.
@@ -126,7 +160,7 @@ impl MediaClient {
     }
 
     fn authorize(&self, url: &Url, req: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
-        if self.api_origin.as_ref() != Some(&url.origin()) {
+        if !self.gets_credentials(url) {
             return req;
         }
         match &self.credentials {
@@ -362,6 +396,70 @@ mod tests {
         );
         assert_eq!(c.api_host.as_deref(), Some("127.0.0.1"));
         assert_eq!(c.allowed_hosts, vec!["cdn.example".to_string()]);
+    }
+
+    fn authorization(c: &MediaClient, url: &str) -> Option<String> {
+        let url = Url::parse(url).unwrap();
+        let req = c.authorize(&url, c.http.get(url.clone())).build().unwrap();
+        req.headers()
+            .get(reqwest::header::AUTHORIZATION)
+            .map(|v| v.to_str().unwrap().to_string())
+    }
+
+    fn whatsapp_client(hosts: Vec<String>) -> MediaClient {
+        let cfg: ChannelConfig =
+            toml::from_str("id = \"w\"\nkind = \"whatsapp\"\nqueue = \"q\"").unwrap();
+        MediaClient::new(
+            &cfg,
+            crate::manifest::get(crate::domain::ChannelKind::Whatsapp),
+            Credentials::Bearer("EAAtoken".into()),
+        )
+        .with_credential_hosts(hosts)
+    }
+
+    /// If this breaks, WhatsApp media on Meta's CDN is refused (no token),
+    /// or the token goes in clear text or to hosts nobody named.
+    #[test]
+    fn credential_hosts_get_the_credentials_over_https_only() {
+        let bearer = Some("Bearer EAAtoken".to_string());
+        let c = whatsapp_client(vec!["Lookaside.FBSBX.com.".into()]);
+        assert_eq!(c.credential_hosts, vec!["lookaside.fbsbx.com".to_string()]);
+        assert_eq!(
+            authorization(&c, "https://graph.facebook.com/v25.0/123"),
+            bearer,
+            "the api_base origin still gets them"
+        );
+        assert_eq!(
+            authorization(
+                &c,
+                "https://lookaside.fbsbx.com/whatsapp_business/attachments/?mid=1"
+            ),
+            bearer
+        );
+        assert_eq!(
+            authorization(&c, "https://LOOKASIDE.fbsbx.com:443/x"),
+            bearer
+        );
+        assert_eq!(authorization(&c, "http://lookaside.fbsbx.com/x"), None);
+        assert_eq!(authorization(&c, "https://scontent.fbsbx.com/x"), None);
+        assert_eq!(
+            authorization(&c, "https://lookaside.fbsbx.com.evil.example/x"),
+            None
+        );
+        // Without the builder, only the api_base origin gets them.
+        let plain = whatsapp_client(vec![]);
+        assert_eq!(authorization(&plain, "https://lookaside.fbsbx.com/x"), None);
+        assert_eq!(
+            authorization(&plain, "https://graph.facebook.com/v25.0/123"),
+            bearer
+        );
+    }
+
+    #[test]
+    fn credential_hosts_do_not_widen_the_allowed_hosts() {
+        let c = whatsapp_client(vec!["cdn.example".into()]);
+        assert!(!c.allowed_hosts.contains(&"cdn.example".to_string()));
+        assert!(c.allowed_hosts.contains(&"lookaside.fbsbx.com".to_string()));
     }
 
     #[tokio::test]

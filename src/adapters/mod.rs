@@ -15,8 +15,10 @@
 //! network; only `send` and media downloads touch it.
 
 pub mod media;
+pub mod messenger;
 pub mod meta;
 pub mod sms;
+pub mod whatsapp;
 
 use crate::domain::DeliveryStatus;
 use async_trait::async_trait;

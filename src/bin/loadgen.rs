@@ -39,6 +39,9 @@ enum Mode {
     Healthz,
     /// Signed SMS webhooks.
     Sms,
+    /// No HTTP: write 8 KiB into a file in `--dir` and `fdatasync` it, back to
+    /// back, for `--duration` seconds. The floor under a durable commit on this disk.
+    Fsync,
 }
 
 #[derive(Parser, Debug)]
@@ -48,15 +51,18 @@ enum Mode {
 )]
 struct Cli {
     /// The gateway's base URL, e.g. http://127.0.0.1:8080 (only local targets make sense).
+    #[arg(long, required_unless_present = "dir")]
+    url: Option<String>,
+    /// `--mode fsync`: the directory to write the probe file in (it is removed afterwards).
     #[arg(long)]
-    url: String,
+    dir: Option<PathBuf>,
     #[arg(long, value_enum)]
     mode: Mode,
     /// The run's name in the JSON line.
     #[arg(long)]
     name: Option<String>,
     /// Closed loop with this many connections.
-    #[arg(long, conflicts_with = "rate", required_unless_present = "rate")]
+    #[arg(long, conflicts_with = "rate")]
     concurrency: Option<usize>,
     /// Open loop at this many requests per second.
     #[arg(long)]
@@ -94,6 +100,10 @@ struct Cli {
     /// Per-request timeout in seconds (a timeout counts as an error).
     #[arg(long, default_value_t = 10.0)]
     timeout: f64,
+    /// Also write every measured request as CSV `due_ms,latency_ms,service_ms,ok`
+    /// (offsets from the start of the measured window), to look for stalls.
+    #[arg(long)]
+    samples: Option<PathBuf>,
     /// Worker threads of the generator's runtime.
     #[arg(long, default_value_t = 2)]
     threads: usize,
@@ -102,6 +112,8 @@ struct Cli {
 /// What one request came to.
 #[derive(Clone, Copy)]
 struct Sample {
+    /// When it was due (open loop) or sent (closed loop).
+    due: Instant,
     /// From the due time (open loop) or the send (closed loop) to the end of the body.
     latency: Duration,
     /// From the send to the end of the body.
@@ -174,9 +186,31 @@ fn cpu_seconds(pid: &str, clk_tck: u64) -> Option<f64> {
     Some((utime + stime) as f64 / clk_tck as f64)
 }
 
+/// CPU time the whole machine has spent busy so far (all cores), in seconds:
+/// the `cpu` line of `/proc/stat` less idle and iowait.
+fn machine_busy_seconds(clk_tck: u64) -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let line = stat.lines().find(|l| l.starts_with("cpu "))?;
+    let ticks: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|f| f.parse().ok())
+        .collect();
+    // user nice system idle iowait irq softirq steal (guest time is already in user).
+    let busy: u64 = ticks
+        .iter()
+        .take(8)
+        .enumerate()
+        .filter(|(i, _)| *i != 3 && *i != 4)
+        .map(|(_, t)| t)
+        .sum();
+    Some(busy as f64 / clk_tck as f64)
+}
+
 /// Builds `count` signed webhooks, each with its own MessageSid.
 fn build_sms(
     cli: &Cli,
+    base: &str,
     client: &Client,
     count: usize,
 ) -> anyhow::Result<Vec<Mutex<Option<Request>>>> {
@@ -189,7 +223,7 @@ fn build_sms(
         .channel(&cli.channel)
         .with_context(|| format!("no channel {} in {}", cli.channel, path.display()))?
         .clone();
-    let base = cli.url.trim_end_matches('/').to_string();
+    let base = base.to_string();
     let public_url = cli
         .public_url
         .clone()
@@ -265,6 +299,7 @@ async fn closed_loop(
                 let (ok, done) = send(&source.client, req).await;
                 let latency = done - start;
                 samples.push(Sample {
+                    due: start,
                     latency,
                     service: latency,
                     ok,
@@ -320,6 +355,7 @@ async fn open_loop(
             let sent = Instant::now();
             let (ok, done) = send(&source.client, req).await;
             Some(Sample {
+                due,
                 latency: done - due,
                 service: done - sent,
                 ok,
@@ -354,8 +390,70 @@ fn round(x: f64, places: i32) -> f64 {
     (x * f).round() / f
 }
 
+/// `--mode fsync`: back-to-back 8 KiB overwrites of a file, each made durable
+/// with `fdatasync`, as the embedded store's writer does once per batch.
+fn fsync_probe(cli: &Cli, dir: &std::path::Path) -> anyhow::Result<()> {
+    use std::io::{Seek, SeekFrom, Write};
+    const PAGE: usize = 8192;
+    const PAGES: usize = 256;
+    let path = dir.join(format!("fsync-probe-{}", std::process::id()));
+    let result = (|| -> anyhow::Result<Vec<Duration>> {
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(true)
+            .write(true)
+            .open(&path)
+            .with_context(|| format!("creating {}", path.display()))?;
+        // Written and synced beforehand: the probe overwrites allocated blocks.
+        f.write_all(&vec![0u8; PAGE * PAGES])?;
+        f.sync_all()?;
+        let page = vec![0x5au8; PAGE];
+        let deadline = Instant::now() + Duration::from_secs_f64(cli.duration);
+        let mut out = vec![];
+        let mut i = 0usize;
+        while Instant::now() < deadline && out.len() < cli.max_requests {
+            f.seek(SeekFrom::Start(((i % PAGES) * PAGE) as u64))?;
+            f.write_all(&page)?;
+            let t = Instant::now();
+            f.sync_data()?;
+            out.push(t.elapsed());
+            i += 1;
+        }
+        Ok(out)
+    })();
+    let _ = std::fs::remove_file(&path);
+    let mut lat = result?;
+    let seconds: f64 = lat.iter().map(Duration::as_secs_f64).sum();
+    lat.sort_unstable();
+    let line = json!({
+        "name": cli.name.clone().unwrap_or_else(|| "fsync".into()),
+        "requests": lat.len(),
+        "ok": lat.len(),
+        "errors": 0,
+        "seconds": round(seconds, 3),
+        "rps": round(lat.len() as f64 / seconds.max(1e-9), 1),
+        "p50_ms": quantile_ms(&lat, 0.50),
+        "p99_ms": quantile_ms(&lat, 0.99),
+        "max_ms": quantile_ms(&lat, 1.0),
+        "p999_ms": quantile_ms(&lat, 0.999),
+        "p90_ms": quantile_ms(&lat, 0.90),
+        "mode": "fsync",
+    });
+    println!("{line}");
+    Ok(())
+}
+
 async fn run(cli: Cli) -> anyhow::Result<()> {
-    let base = cli.url.trim_end_matches('/').to_string();
+    if cli.mode == Mode::Fsync {
+        let dir = cli.dir.clone().context("--mode fsync needs --dir")?;
+        return tokio::task::spawn_blocking(move || fsync_probe(&cli, &dir)).await?;
+    }
+    let base = cli
+        .url
+        .as_deref()
+        .context("--url is needed")?
+        .trim_end_matches('/')
+        .to_string();
     let client = Client::builder()
         .no_proxy()
         .tcp_nodelay(true)
@@ -373,10 +471,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     }
     let total = cli.warmup + measured;
     let prebuilt = match cli.mode {
-        Mode::Healthz => vec![],
+        Mode::Healthz | Mode::Fsync => vec![],
         Mode::Sms => {
             let t = Instant::now();
-            let v = build_sms(&cli, &client, total)?;
+            let v = build_sms(&cli, &base, &client, total)?;
             eprintln!(
                 "loadgen: built and signed {total} webhooks in {:.1} s",
                 t.elapsed().as_secs_f64()
@@ -403,6 +501,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let pid = cli.pid.map(|p| p.to_string());
     let server_cpu_before = pid.as_deref().and_then(|p| cpu_seconds(p, cli.clk_tck));
     let self_cpu_before = cpu_seconds("self", cli.clk_tck);
+    let machine_before = machine_busy_seconds(cli.clk_tck);
     let start = Instant::now();
     let samples = match (cli.concurrency, cli.rate) {
         (Some(c), _) => {
@@ -431,7 +530,26 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let self_cpu = cpu_seconds("self", cli.clk_tck)
         .zip(self_cpu_before)
         .map(|(after, before)| after - before);
+    // What else kept the machine busy meanwhile (other processes): it should be near 0.
+    let other_cpu = machine_busy_seconds(cli.clk_tck)
+        .zip(machine_before)
+        .map(|(after, before)| {
+            after - before - self_cpu.unwrap_or(0.0) - server_cpu.unwrap_or(0.0)
+        });
 
+    if let Some(path) = &cli.samples {
+        let mut csv = String::from("due_ms,latency_ms,service_ms,ok\n");
+        for s in &samples {
+            csv.push_str(&format!(
+                "{},{},{},{}\n",
+                ms(s.due.saturating_duration_since(start)),
+                ms(s.latency),
+                ms(s.service),
+                u8::from(s.ok)
+            ));
+        }
+        std::fs::write(path, csv).with_context(|| format!("writing {}", path.display()))?;
+    }
     let requests = samples.len();
     let ok = samples.iter().filter(|s| s.ok).count();
     let mut latency: Vec<Duration> = samples.iter().map(|s| s.latency).collect();
@@ -446,10 +564,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         .name
         .clone()
         .unwrap_or_else(|| match (cli.mode, cli.rate) {
-            (Mode::Healthz, None) => "healthz".into(),
             (Mode::Sms, None) => "sms".into(),
-            (Mode::Healthz, Some(r)) => format!("healthz@{r}"),
             (Mode::Sms, Some(r)) => format!("sms@{r}"),
+            (_, None) => "healthz".into(),
+            (_, Some(r)) => format!("healthz@{r}"),
         });
     let line = json!({
         "name": name,
@@ -470,6 +588,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         "server_cpu_s": server_cpu.map(|c| round(c, 2)),
         "server_cpu_us_per_req": per_request_us(server_cpu),
         "loadgen_cpu_us_per_req": per_request_us(self_cpu),
+        "loadgen_cpu_s": self_cpu.map(|c| round(c, 2)),
+        "other_cpu_s": other_cpu.map(|c| round(c.max(0.0), 2)),
     });
     println!("{line}");
     if requests < measured && cli.rate.is_some() {

@@ -36,6 +36,18 @@ async fn metrics(state: web::Data<State>) -> HttpResponse {
     if let Ok(depth) = g.store.outbox_depth().await {
         g.metrics.outbox_depth.set(depth as i64);
     }
+    // Channel health lives in the store (shared by every process): count it now.
+    let mut reauth: std::collections::BTreeMap<crate::domain::ChannelKind, i64> =
+        Default::default();
+    for c in &g.settings.channels {
+        let n = reauth.entry(c.kind).or_default();
+        if g.channel_health(&c.id).await == "needs_reauth" {
+            *n += 1;
+        }
+    }
+    for (kind, n) in reauth {
+        g.metrics.set_unhealthy(kind, "needs_reauth", n);
+    }
     HttpResponse::Ok()
         .content_type("text/plain; version=0.0.4")
         .body(g.metrics.render())

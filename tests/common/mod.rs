@@ -123,6 +123,7 @@ auth_token = "{AUTH_TOKEN}"
 from = "+14155550100"
 {extra}
 "#,
+        extra = extra.replace("{provider}", twilio),
         path = dir.join("data").display(),
         redis = redis_url(),
         bob_sha = sha256_hex(BOB),

@@ -1,0 +1,214 @@
+#!/usr/bin/env bash
+# The benchmark: signed SMS webhooks against the gateway on each store, next to
+# a baseline measured in the same run on the same machine (the same gateway
+# answering GET /healthz).
+#
+#   bash scripts/bench.sh                  # both stores
+#   BENCH_STORES=embedded bash scripts/bench.sh
+#
+# For each store it starts `switchboard serve` as its own process (embedded: in
+# a temporary directory on disk; redis: redis://127.0.0.1:6379/0 under a unique
+# key_prefix whose keys are deleted afterwards), then runs `loadgen`:
+#   healthz      GET /healthz, closed loop, $BENCH_CONCURRENCY connections
+#   sms          POST /webhooks/sms-main, closed loop, $BENCH_CONCURRENCY connections
+#   sms@RATE     POST /webhooks/sms-main, open loop at $BENCH_RATE requests/s
+#   healthz@RATE GET /healthz, open loop at $BENCH_RATE requests/s
+# each for $BENCH_SECONDS seconds, and prints one JSON line per run plus a table.
+# Every webhook has its own MessageSid; senders cycle through 4,000 numbers.
+# Only 127.0.0.1 is contacted. Everything started here is stopped on exit.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+SECONDS_PER_RUN="${BENCH_SECONDS:-10}"
+CONCURRENCY="${BENCH_CONCURRENCY:-32}"
+RATE="${BENCH_RATE:-1000}"
+STORES="${BENCH_STORES:-embedded redis}"
+REDIS_URL="${BENCH_REDIS_URL:-redis://127.0.0.1:6379/0}"
+RESULTS="${BENCH_RESULTS:-}"   # optional file to append the JSON lines to
+
+cargo build --release --bins >&2
+
+WORK="$(mktemp -d "${TMPDIR:-/tmp}/switchboard-bench.XXXXXX")"
+SERVER_PID=""
+PREFIX=""
+started_redis=""
+
+redis_cli() { redis-cli -h 127.0.0.1 -p 6379 "$@"; }
+
+delete_keys() {
+  [ -n "$PREFIX" ] || return 0
+  redis_cli --scan --pattern "${PREFIX}:*" --count 1000 2>/dev/null \
+    | xargs -r -n 500 redis-cli -h 127.0.0.1 -p 6379 unlink >/dev/null 2>&1 || true
+  PREFIX=""
+}
+
+stop_server() {
+  if [ -n "$SERVER_PID" ] && kill -0 "$SERVER_PID" 2>/dev/null; then
+    kill -TERM "$SERVER_PID" 2>/dev/null || true
+    for _ in $(seq 1 100); do
+      kill -0 "$SERVER_PID" 2>/dev/null || break
+      sleep 0.1
+    done
+    kill -KILL "$SERVER_PID" 2>/dev/null || true
+    wait "$SERVER_PID" 2>/dev/null || true
+  fi
+  SERVER_PID=""
+}
+
+cleanup() {
+  stop_server
+  delete_keys
+  if [ -n "$started_redis" ]; then
+    redis_cli shutdown nosave >/dev/null 2>&1 || true
+  fi
+  rm -rf "$WORK"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+ensure_redis() {
+  if redis_cli ping >/dev/null 2>&1; then
+    return 0
+  fi
+  if ! command -v redis-server >/dev/null 2>&1; then
+    echo "redis-server is not installed: skipping the redis store (scripts/test.sh installs it)" >&2
+    return 1
+  fi
+  redis-server --daemonize yes --bind 127.0.0.1 --port 6379 --save "" --appendonly no \
+    --logfile "$WORK/redis.log"
+  started_redis=1
+  for _ in $(seq 1 50); do
+    redis_cli ping >/dev/null 2>&1 && return 0
+    sleep 0.1
+  done
+  echo "redis-server did not answer" >&2
+  return 1
+}
+
+write_config() { # store prefix → path of a config file
+  local store="$1" prefix="$2" file="$WORK/$1.toml"
+  cat >"$file" <<EOF
+[server]
+listen = "127.0.0.1:0"
+public_url = "https://switchboard.bench.example"
+
+[store]
+backend = "$store"
+path = "$WORK/data-$store"
+redis_url = "$REDIS_URL"
+key_prefix = "$prefix"
+
+[[queues]]
+id = "support"
+name = "Support"
+kind = "digital"
+
+[[agents]]
+id = "anne"
+name = "Anne Shirley"
+token = "bench-agent-token"
+queues = ["support"]
+can_transfer = true
+
+[[channels]]
+id = "sms-main"
+kind = "sms"
+name = "SMS"
+queue = "support"
+api_base = "http://127.0.0.1:9"
+media_hosts = ["127.0.0.1"]
+account_sid = "ACbench000000000000000000000000000"
+auth_token = "bench-auth-token"
+from = "+14155550100"
+EOF
+  echo "$file"
+}
+
+start_server() { # config → sets SERVER_PID and URL
+  local config="$1" out="$WORK/server.out"
+  : >"$out"
+  SWITCHBOARD__SERVER__LISTEN=127.0.0.1:0 RUST_LOG=warn \
+    target/release/switchboard serve --config "$config" >"$out" 2>"$WORK/server.err" &
+  SERVER_PID=$!
+  URL=""
+  for _ in $(seq 1 200); do
+    URL="$(sed -n 's/^switchboard listening on \(http:\/\/[0-9.:]*\).*/\1/p' "$out" | head -n1)"
+    [ -n "$URL" ] && break
+    if ! kill -0 "$SERVER_PID" 2>/dev/null; then
+      break
+    fi
+    sleep 0.05
+  done
+  if [ -z "$URL" ]; then
+    echo "the gateway did not start:" >&2
+    cat "$WORK/server.err" >&2
+    exit 1
+  fi
+}
+
+CLK_TCK="$(getconf CLK_TCK)"
+ALL="$WORK/results.jsonl"
+: >"$ALL"
+
+loadgen() { # store name args... → one JSON line, tagged with the store
+  local store="$1"
+  shift
+  local line
+  line="$(timeout $((SECONDS_PER_RUN * 3 + 60)) target/release/loadgen --url "$URL" \
+    --pid "$SERVER_PID" --clk-tck "$CLK_TCK" --duration "$SECONDS_PER_RUN" "$@")"
+  line="{\"store\":\"$store\",${line#\{}"
+  echo "$line"
+  echo "$line" >>"$ALL"
+  if [ -n "$RESULTS" ]; then echo "$line" >>"$RESULTS"; fi
+}
+
+for store in $STORES; do
+  case "$store" in
+    embedded) PREFIX="" ;;
+    redis)
+      ensure_redis || continue
+      PREFIX="sbbench:$(date +%s):$$"
+      ;;
+    *) echo "unknown store $store" >&2; exit 2 ;;
+  esac
+  config="$(write_config "$store" "${PREFIX:-switchboard}")"
+  start_server "$config"
+  echo "== $store: gateway pid $SERVER_PID at $URL" >&2
+  loadgen "$store" --mode healthz --name healthz --concurrency "$CONCURRENCY"
+  loadgen "$store" --mode sms --name sms --concurrency "$CONCURRENCY" --config "$config"
+  loadgen "$store" --mode sms --name "sms@$RATE" --rate "$RATE" --config "$config"
+  loadgen "$store" --mode healthz --name "healthz@$RATE" --rate "$RATE"
+  if [ -s "$WORK/server.err" ]; then
+    echo "-- gateway stderr ($store), last lines:" >&2
+    tail -n 5 "$WORK/server.err" >&2
+  fi
+  stop_server
+  delete_keys
+  rm -rf "$WORK/data-$store"
+done
+
+# The summary table.
+python3 - "$ALL" "$RATE" <<'EOF' >&2 || true
+import json, sys
+rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
+rate = sys.argv[2]
+by = {}
+for r in rows:
+    by.setdefault(r["store"], {})[r["name"]] = r
+print()
+print("store    | healthz rps | p50/p99 ms  | webhook rps | p50/p99 ms  | ratio | @%s/s p50/p99/max ms | CPU us/webhook | errors" % rate)
+for store, runs in by.items():
+    h, s, sr = runs.get("healthz"), runs.get("sms"), runs.get("sms@" + rate)
+    if not (h and s and sr):
+        continue
+    errors = sum(r["errors"] for r in runs.values())
+    print("%-8s | %11.0f | %5.2f/%5.2f | %11.0f | %5.2f/%5.2f | %4.0f%% | %6.2f/%6.2f/%7.2f | %7.0f (max) %4.0f (@%s) | %d" % (
+        store, h["rps"], h["p50_ms"], h["p99_ms"], s["rps"], s["p50_ms"], s["p99_ms"],
+        100 * s["rps"] / h["rps"], sr["p50_ms"], sr["p99_ms"], sr["max_ms"],
+        s["server_cpu_us_per_req"] or 0, sr["server_cpu_us_per_req"] or 0, rate, errors))
+EOF
+
+if grep -q '"errors":[1-9]' "$ALL"; then
+  echo "some requests failed" >&2
+  exit 1
+fi
