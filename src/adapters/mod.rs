@@ -3,7 +3,8 @@
 //! | kind | module | inbound | outbound | signature |
 //! | --- | --- | --- | --- | --- |
 //! | sms | [`sms`] | Twilio form webhooks, status callbacks, MMS media | `Messages.json` with `MediaUrl` | `X-Twilio-Signature` (HMAC-SHA1) |
-//! | whatsapp, facebook, instagram | (next) | Meta webhooks | Graph API | `X-Hub-Signature-256` |
+//! | whatsapp | [`whatsapp`] | Cloud API webhooks: messages, statuses, reactions, media by ID | `/{phone_number_id}/messages`, media upload | `X-Hub-Signature-256` |
+//! | facebook, instagram | [`messenger`] | Messenger Platform `messaging[]`: messages, echoes, reactions, watermarks | `/{page or account id}/messages` | `X-Hub-Signature-256` |
 //! | email | (next) | IMAP polling, raw RFC 5322 over HTTP | SMTP | Standard Webhooks |
 //! | twitter | (next) | Account Activity webhooks | X API v2 | `x-twitter-webhooks-signature` |
 //! | chat | (next) | our widget | WebSocket | session token |
