@@ -181,58 +181,133 @@ impl Gateway {
         Ok(outcome)
     }
 
-    async fn download_media(&self, ch: &ChannelRuntime, m: &InboundMessage) -> Vec<Attachment> {
-        let mut out = vec![];
-        let deadline = tokio::time::Instant::now() + MEDIA_BUDGET;
-        for (n, media) in m.media.iter().enumerate() {
-            let id = new_id();
-            let fallback_name = format!("attachment-{}", n + 1);
-            // Twilio waits 15 s in all for our answer: downloads get a shared
-            // budget well inside it, and what does not fit is marked failed
-            // (retryable from its source URL) rather than making the provider retry.
-            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-            let fetch = async {
-                let resolved = match (&ch.resolver, &media.media_id) {
-                    (Some(r), Some(_)) => r.resolve(media).await?,
-                    _ => media.clone(),
-                };
-                ch.media.fetch(&resolved).await
+    /// Downloads one provider media item into the blob store, within `budget`.
+    async fn fetch_media(
+        &self,
+        ch: &ChannelRuntime,
+        media: &crate::adapters::MediaRef,
+        id: String,
+        fallback_name: &str,
+        budget: std::time::Duration,
+    ) -> Attachment {
+        let fetch = async {
+            let resolved = match (&ch.resolver, &media.media_id) {
+                (Some(r), Some(_)) => r.resolve(media).await?,
+                _ => media.clone(),
             };
-            let fetched = match tokio::time::timeout(left, fetch).await {
-                Ok(r) => r,
-                Err(_) => Err(format!(
-                    "media download timed out after {} s",
-                    MEDIA_BUDGET.as_secs()
-                )),
-            };
-            match fetched {
-                Ok(file) => {
-                    let filename = media
-                        .filename
-                        .clone()
-                        .unwrap_or_else(|| media::filename_for(&fallback_name, &file.content_type));
-                    match self.store.put_blob(&id, &file.bytes).await {
-                        Ok(()) => out.push(Attachment {
-                            id,
-                            filename,
-                            content_type: file.content_type,
-                            size: file.bytes.len() as u64,
-                            state: "stored".into(),
-                            error: None,
-                            source_url: Some(media.url.clone()),
-                        }),
-                        Err(e) => {
-                            out.push(failed_attachment(id, fallback_name, media, e.to_string()))
-                        }
-                    }
-                }
-                Err(e) => {
-                    tracing::warn!(channel = %ch.config.id, error = %e, "media download failed");
-                    out.push(failed_attachment(id, fallback_name, media, e.to_string()));
+            ch.media.fetch(&resolved).await
+        };
+        let fetched = match tokio::time::timeout(budget, fetch).await {
+            Ok(r) => r,
+            Err(_) => Err(format!(
+                "media download timed out after {} s",
+                budget.as_secs()
+            )),
+        };
+        let result = match fetched {
+            Ok(file) => {
+                let filename = media
+                    .filename
+                    .clone()
+                    .unwrap_or_else(|| media::filename_for(fallback_name, &file.content_type));
+                match self.store.put_blob(&id, &file.bytes).await {
+                    Ok(()) => Ok(Attachment {
+                        id: id.clone(),
+                        filename,
+                        content_type: file.content_type,
+                        size: file.bytes.len() as u64,
+                        state: "stored".into(),
+                        error: None,
+                        source_url: Some(media.url.clone()).filter(|u| !u.is_empty()),
+                        source_media_id: media.media_id.clone(),
+                    }),
+                    Err(e) => Err(e.to_string()),
                 }
             }
+            Err(e) => Err(e),
+        };
+        result.unwrap_or_else(|e| {
+            tracing::warn!(channel = %ch.config.id, error = %e, "media download failed");
+            failed_attachment(id, fallback_name.to_string(), media, e)
+        })
+    }
+
+    async fn download_media(&self, ch: &ChannelRuntime, m: &InboundMessage) -> Vec<Attachment> {
+        let mut out = vec![];
+        // Twilio waits 15 s in all for our answer: downloads get a shared
+        // budget well inside it, and what does not fit is marked failed
+        // (retryable later) rather than making the provider retry.
+        let deadline = tokio::time::Instant::now() + MEDIA_BUDGET;
+        for (n, media) in m.media.iter().enumerate() {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            let name = format!("attachment-{}", n + 1);
+            out.push(self.fetch_media(ch, media, new_id(), &name, left).await);
         }
         out
+    }
+
+    /// Tries a failed download again (an agent asked to), keeping the attachment's ID.
+    pub async fn retry_attachment(
+        &self,
+        actor: &Actor,
+        attachment_id: &str,
+    ) -> GResult<Attachment> {
+        let (case, mid) = self
+            .store
+            .lookup(&format!("att:{attachment_id}"))
+            .await?
+            .and_then(|v| parse_target(&v))
+            .ok_or_else(|| GatewayError::NotFound(format!("no attachment {attachment_id}")))?;
+        let i = self.visible(actor, case).await?;
+        let att = i
+            .messages
+            .iter()
+            .flat_map(|m| m.attachments.iter())
+            .find(|a| a.id == attachment_id)
+            .cloned()
+            .ok_or_else(|| GatewayError::NotFound(format!("no attachment {attachment_id}")))?;
+        if att.state != "failed" {
+            return Err(Refusal::InvalidTransition(format!(
+                "attachment {attachment_id} is already {}",
+                att.state
+            ))
+            .into());
+        }
+        let ch = self.channel(&i.channel_id)?.clone();
+        let media = crate::adapters::MediaRef {
+            url: att.source_url.clone().unwrap_or_default(),
+            content_type: Some(att.content_type.clone()),
+            filename: None,
+            media_id: att.source_media_id.clone(),
+        };
+        if media.url.is_empty() && media.media_id.is_none() {
+            return Err(Refusal::InvalidTransition(
+                "the provider's link to this file is not known".into(),
+            )
+            .into());
+        }
+        let fresh = self
+            .fetch_media(&ch, &media, att.id.clone(), &att.filename, MEDIA_BUDGET)
+            .await;
+        let claim = format!("att-retry:{}:{}", att.id, new_id());
+        let stored = fresh.clone();
+        self.change_message(case, &mid, claim, move |m| {
+            match m.attachments.iter_mut().find(|a| a.id == stored.id) {
+                Some(a) if a.state == "failed" => {
+                    let name = a.filename.clone();
+                    *a = stored.clone();
+                    a.filename = if stored.state == "stored" && !name.starts_with("attachment-") {
+                        name
+                    } else {
+                        stored.filename.clone()
+                    };
+                    true
+                }
+                _ => false,
+            }
+        })
+        .await?;
+        Ok(fresh)
     }
 
     /// Stores one customer message; false when it was a duplicate.
@@ -1097,6 +1172,7 @@ impl Gateway {
                 state: "stored".into(),
                 error: None,
                 source_url: None,
+                source_media_id: None,
             });
         }
         Ok(out)
@@ -1695,7 +1771,8 @@ fn failed_attachment(
         size: 0,
         state: "failed".into(),
         error: Some(error),
-        source_url: Some(media.url.clone()),
+        source_url: Some(media.url.clone()).filter(|u| !u.is_empty()),
+        source_media_id: media.media_id.clone(),
     }
 }
 

@@ -877,3 +877,80 @@ async fn instagram_limits_retractions_and_story_mentions() {
         .iter()
         .all(|r| r.method.as_str() == "GET"));
 }
+
+/// A failed media download stays visible as failed and an agent can retry it once the provider answers.
+#[tokio::test]
+async fn a_failed_media_download_can_be_retried() {
+    let app = start(Backend::Embedded).await;
+    let media_url = format!("{}/lookaside/retry.jpg", app.twilio.uri());
+    Mock::given(method("GET"))
+        .and(path("/v25.0/MEDIA9"))
+        .respond_with(
+            ResponseTemplate::new(500)
+                .set_body_json(json!({"error": {"message": "temporary", "code": 2}})),
+        )
+        .up_to_n_times(1)
+        .with_priority(1)
+        .mount(&app.twilio)
+        .await;
+    Mock::given(method("GET"))
+        .and(path("/v25.0/MEDIA9"))
+        .respond_with(
+            ResponseTemplate::new(200).set_body_json(
+                json!({"url": media_url, "mime_type": "image/jpeg", "id": "MEDIA9"}),
+            ),
+        )
+        .mount(&app.twilio)
+        .await;
+    Mock::given(method("GET"))
+        .and(path("/lookaside/retry.jpg"))
+        .respond_with(
+            ResponseTemplate::new(200)
+                .insert_header("content-type", "image/jpeg")
+                .set_body_bytes(b"second time".to_vec()),
+        )
+        .mount(&app.twilio)
+        .await;
+    let body = wa_envelope(
+        PHONE_ID,
+        json!({"contacts": [{"profile": {"name": "Kerry"}, "wa_id": "16315551181"}],
+               "messages": [{"from": "16315551181", "id": "wamid.RT1", "timestamp": now().to_string(), "type": "image",
+                             "image": {"mime_type": "image/jpeg", "sha256": "x", "id": "MEDIA9"}}]}),
+    );
+    assert_eq!(meta_post(&app, "wa-main", "wa-secret", &body).await.0, 200);
+    let case = case_of(&app, "16315551181").await;
+    let att = app.interaction(case).await["messages"][0]["attachments"][0].clone();
+    assert_eq!(att["state"], "failed");
+    let id = att["id"].as_str().unwrap();
+    let (s, v) = app
+        .post(CAROL, &format!("/api/v1/attachments/{id}/retry"), json!({}))
+        .await;
+    assert_eq!((s, v["code"].as_str()), (403, Some("not_permitted")));
+    let (s, v) = app
+        .post(ANNE, &format!("/api/v1/attachments/{id}/retry"), json!({}))
+        .await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(v["state"], "stored");
+    let a = &app.interaction(case).await["messages"][0]["attachments"][0];
+    assert_eq!(
+        (a["id"].as_str(), a["state"].as_str(), a["size"].as_u64()),
+        (Some(id), Some("stored"), Some(11))
+    );
+    let r = app
+        .http
+        .get(format!("{}/api/v1/attachments/{id}", app.url))
+        .bearer_auth(ANNE)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.bytes().await.unwrap().to_vec(), b"second time".to_vec());
+    let (s, v) = app
+        .post(ANNE, &format!("/api/v1/attachments/{id}/retry"), json!({}))
+        .await;
+    assert_eq!((s, v["code"].as_str()), (409, Some("invalid_transition")));
+    assert!(app
+        .events()
+        .await
+        .iter()
+        .any(|e| e["type"] == "message.updated"));
+}

@@ -91,9 +91,16 @@ struct Cli {
     /// Distinct sender numbers (+1 415 555 0000 and up).
     #[arg(long, default_value_t = 4000)]
     senders: usize,
+    /// Every webhook with the same MessageSid: all but the first are a provider's
+    /// retry, answered after the dedupe check (the cost of the path before the store).
+    #[arg(long)]
+    same_sid: bool,
     /// The gateway's process id, to report its CPU time per request.
     #[arg(long)]
     pid: Option<u32>,
+    /// Another process whose CPU time per request to report (the Redis server).
+    #[arg(long)]
+    extra_pid: Option<u32>,
     /// Clock ticks per second of /proc/PID/stat (`getconf CLK_TCK`).
     #[arg(long, default_value_t = 100)]
     clk_tck: u64,
@@ -251,7 +258,8 @@ fn build_sms(
     let run = &run[..20];
     let mut out = Vec::with_capacity(count);
     for i in 0..count {
-        let sid = format!("SM{run}{i:012x}");
+        let n = if cli.same_sid { 0 } else { i };
+        let sid = format!("SM{run}{n:012x}");
         let from = &senders[i % senders.len()];
         let sim = switchboard::adapters::sms::simulate_inbound(
             &ch,
@@ -502,6 +510,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let server_cpu_before = pid.as_deref().and_then(|p| cpu_seconds(p, cli.clk_tck));
     let self_cpu_before = cpu_seconds("self", cli.clk_tck);
     let machine_before = machine_busy_seconds(cli.clk_tck);
+    let extra_pid = cli.extra_pid.map(|p| p.to_string());
+    let extra_cpu_before = extra_pid
+        .as_deref()
+        .and_then(|p| cpu_seconds(p, cli.clk_tck));
     let start = Instant::now();
     let samples = match (cli.concurrency, cli.rate) {
         (Some(c), _) => {
@@ -530,11 +542,20 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let self_cpu = cpu_seconds("self", cli.clk_tck)
         .zip(self_cpu_before)
         .map(|(after, before)| after - before);
+    let extra_cpu = extra_pid
+        .as_deref()
+        .and_then(|p| cpu_seconds(p, cli.clk_tck))
+        .zip(extra_cpu_before)
+        .map(|(after, before)| after - before);
     // What else kept the machine busy meanwhile (other processes): it should be near 0.
     let other_cpu = machine_busy_seconds(cli.clk_tck)
         .zip(machine_before)
         .map(|(after, before)| {
-            after - before - self_cpu.unwrap_or(0.0) - server_cpu.unwrap_or(0.0)
+            after
+                - before
+                - self_cpu.unwrap_or(0.0)
+                - server_cpu.unwrap_or(0.0)
+                - extra_cpu.unwrap_or(0.0)
         });
 
     if let Some(path) = &cli.samples {
@@ -587,6 +608,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         "rate": cli.rate,
         "server_cpu_s": server_cpu.map(|c| round(c, 2)),
         "server_cpu_us_per_req": per_request_us(server_cpu),
+        "extra_cpu_us_per_req": per_request_us(extra_cpu),
         "loadgen_cpu_us_per_req": per_request_us(self_cpu),
         "loadgen_cpu_s": self_cpu.map(|c| round(c, 2)),
         "other_cpu_s": other_cpu.map(|c| round(c.max(0.0), 2)),

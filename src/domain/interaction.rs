@@ -102,6 +102,9 @@ pub struct Attachment {
     /// Stored, but never shown: [`Message::public`] strips it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub source_url: Option<String>,
+    /// The provider's media ID, for providers that serve media by ID (WhatsApp); never shown.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source_media_id: Option<String>,
 }
 
 fn stored() -> String {
@@ -173,6 +176,7 @@ impl Message {
         let mut m = self.clone();
         for a in &mut m.attachments {
             a.source_url = None;
+            a.source_media_id = None;
         }
         m
     }

@@ -48,6 +48,10 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
         .route("/api/v1/sms/preview", web::post().to(sms_preview))
         .route("/api/v1/attachments/{id}", web::get().to(attachment))
         .route(
+            "/api/v1/attachments/{id}/retry",
+            web::post().to(retry_attachment),
+        )
+        .route(
             "/api/v1/events",
             web::get().to(crate::http::ops::agent_events),
         )
@@ -598,6 +602,18 @@ async fn attachment(
         ))
     })?;
     Ok(file_response(bytes, &att.content_type, &att.filename))
+}
+
+async fn retry_attachment(
+    state: web::Data<State>,
+    Caller(actor): Caller,
+    path: web::Path<String>,
+) -> ApiResult<HttpResponse> {
+    let a = state.gateway.retry_attachment(&actor, &path).await?;
+    Ok(HttpResponse::Ok().json(
+        json!({"id": a.id, "filename": a.filename, "content_type": a.content_type,
+        "size": a.size, "state": a.state, "error": a.error}),
+    ))
 }
 
 /// `GET /media/{token}`: what providers fetch for outbound media.

@@ -57,6 +57,7 @@ routes! {
     "post" "/api/v1/outbound/sms" "agent" "Start an outbound SMS (agents of an outbound_sms queue)";
     "post" "/api/v1/sms/preview" "agent" "Encoding and segment count of an SMS text";
     "get" "/api/v1/attachments/{id}" "agent" "Download an attachment";
+    "post" "/api/v1/attachments/{id}/retry" "agent" "Download a failed inbound attachment again from the provider";
     "get" "/api/v1/events" "agent" "Server-Sent Events of changes in the caller's queues";
     "get" "/api/v1/routing/events" "service" "The routing feed: after, wait (long poll)";
     "post" "/agent/session" "none" "Sign in: {token} sets the session cookie";
