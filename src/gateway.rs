@@ -143,7 +143,8 @@ impl Gateway {
                 Inbound::Reaction(r) => Some(r.from.as_str()),
                 Inbound::Retraction { from, .. } => Some(from.as_str()),
                 Inbound::Watermark(w) => Some(w.from.as_str()),
-                Inbound::Status(_) => None,
+                Inbound::Typing { from, .. } => Some(from.as_str()),
+                Inbound::Status(_) | Inbound::Revoked => None,
             };
             let id = match from {
                 Some(f) => Some(DigitalId::parse(kind, f).map_err(|e| {
@@ -169,6 +170,11 @@ impl Gateway {
                 }
                 (Inbound::Watermark(w), Some(id)) => self.receive_watermark(&ch, id, w).await?,
                 (Inbound::Status(s), _) => self.receive_status(&ch, s).await?,
+                (Inbound::Typing { on, .. }, Some(id)) => self.receive_typing(&ch, id, on).await?,
+                (Inbound::Revoked, _) => {
+                    self.set_channel_health(&ch.config.id, "needs_reauth").await;
+                    true
+                }
                 (_, None) => unreachable!("every item with a sender is prepared with its id"),
             };
             if fresh {
@@ -576,6 +582,33 @@ impl Gateway {
             !was
         })
         .await
+    }
+
+    /// Typing: an `interaction.typing` event for live views; nothing is stored but the event.
+    async fn receive_typing(&self, ch: &ChannelRuntime, from: DigitalId, on: bool) -> GResult<bool> {
+        let key = contact_key(ch.config.kind, &ch.config.id, from.as_str());
+        let Some(case) = self
+            .store
+            .contact(&key)
+            .await?
+            .and_then(|c| c.latest.get(&ch.config.id).copied())
+        else {
+            return Ok(true);
+        };
+        let event = crate::domain::EventDraft {
+            kind: "interaction.typing".into(),
+            at: Utc::now(),
+            case_number: case,
+            channel: serde_json::json!({"id": ch.config.id, "kind": ch.config.kind}),
+            data: serde_json::json!({"who": "customer", "state": if on { "on" } else { "off" }}),
+        };
+        self.store
+            .commit(Commit {
+                events: vec![event],
+                ..Commit::default()
+            })
+            .await?;
+        Ok(true)
     }
 
     /// Delivery and read watermarks move every covered message of the customer's latest interaction.

@@ -175,6 +175,10 @@ pub enum Inbound {
     /// (matched, never a customer message) or sent elsewhere (recorded as outbound).
     Echo(InboundMessage),
     Watermark(Watermark),
+    /// The customer is typing (`on`) or stopped; shown live, never stored as a message.
+    Typing { from: String, on: bool },
+    /// The provider says the channel's authorization was revoked: it needs re-authorisation.
+    Revoked,
 }
 
 /// The answer a provider expects.
