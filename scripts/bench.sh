@@ -14,6 +14,9 @@
 #   sms@RATE     POST /webhooks/sms-main, open loop at $BENCH_RATE requests/s
 #   healthz@RATE GET /healthz, open loop at $BENCH_RATE requests/s
 # each for $BENCH_SECONDS seconds, and prints one JSON line per run plus a table.
+# Before the embedded store's runs, `loadgen --mode fsync` measures the disk
+# itself (8 KiB write + fdatasync, back to back, in the same directory): the
+# floor under any durable commit on this machine.
 # Every webhook has its own MessageSid; senders cycle through 4,000 numbers.
 # Only 127.0.0.1 is contacted. Everything started here is stopped on exit.
 set -euo pipefail
@@ -30,6 +33,7 @@ cargo build --release --bins >&2
 
 WORK="$(mktemp -d "${TMPDIR:-/tmp}/switchboard-bench.XXXXXX")"
 SERVER_PID=""
+REDIS_PID=""
 PREFIX=""
 started_redis=""
 
@@ -147,27 +151,59 @@ start_server() { # config → sets SERVER_PID and URL
 }
 
 CLK_TCK="$(getconf CLK_TCK)"
+
+busy_cores() { # how many cores other processes keep busy, over one second
+  local a b
+  a=($(head -n1 /proc/stat))
+  sleep 1
+  b=($(head -n1 /proc/stat))
+  local busy=$(( (b[1]+b[2]+b[3]+b[6]+b[7]+b[8]) - (a[1]+a[2]+a[3]+a[6]+a[7]+a[8]) ))
+  echo "$busy $CLK_TCK" | awk '{printf "%.2f", $1 / $2}'
+}
+
+# The figures are only worth something on an otherwise idle machine: wait (up
+# to $BENCH_QUIET_WAIT seconds) for a second in which other processes use less
+# than a fifth of a core, then go on either way; every run reports the CPU time
+# other processes used meanwhile ("other_cpu_s").
+QUIET_WAIT="${BENCH_QUIET_WAIT:-60}"
+for _ in $(seq 1 "$QUIET_WAIT"); do
+  [ "$(busy_cores | awk '{print ($1 < 0.2)}')" = 1 ] && break
+done
+
+echo "machine: $(nproc) cores, $(sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo | head -n1), Linux $(uname -r), $(date -u +%Y-%m-%dT%H:%MZ), load average $(cut -d' ' -f1-3 /proc/loadavg)"
 ALL="$WORK/results.jsonl"
 : >"$ALL"
 
-loadgen() { # store name args... → one JSON line, tagged with the store
-  local store="$1"
-  shift
-  local line
-  line="$(timeout $((SECONDS_PER_RUN * 3 + 60)) target/release/loadgen --url "$URL" \
-    --pid "$SERVER_PID" --clk-tck "$CLK_TCK" --duration "$SECONDS_PER_RUN" "$@")"
-  line="{\"store\":\"$store\",${line#\{}"
+record() { # store line → prints and keeps the line, tagged with the store
+  local line="{\"store\":\"$1\",${2#\{}"
   echo "$line"
   echo "$line" >>"$ALL"
   if [ -n "$RESULTS" ]; then echo "$line" >>"$RESULTS"; fi
 }
 
+loadgen() { # store args... → one JSON line, tagged with the store
+  local store="$1"
+  shift
+  local extra=()
+  if [ "$store" = redis ] && [ -n "$REDIS_PID" ]; then extra=(--extra-pid "$REDIS_PID"); fi
+  local line
+  line="$(timeout $((SECONDS_PER_RUN * 3 + 60)) target/release/loadgen --url "$URL" \
+    --pid "$SERVER_PID" --clk-tck "$CLK_TCK" --duration "$SECONDS_PER_RUN" "${extra[@]}" "$@")"
+  record "$store" "$line"
+}
+
 for store in $STORES; do
   case "$store" in
-    embedded) PREFIX="" ;;
+    embedded)
+      PREFIX=""
+      mkdir -p "$WORK/disk"
+      line="$(timeout 60 target/release/loadgen --mode fsync --dir "$WORK/disk" --duration 5)"
+      record disk "$line"
+      ;;
     redis)
       ensure_redis || continue
       PREFIX="sbbench:$(date +%s):$$"
+      REDIS_PID="$(redis_cli info server | sed -n 's/^process_id:\([0-9]*\).*/\1/p')"
       ;;
     *) echo "unknown store $store" >&2; exit 2 ;;
   esac
@@ -187,25 +223,43 @@ for store in $STORES; do
   rm -rf "$WORK/data-$store"
 done
 
-# The summary table.
-python3 - "$ALL" "$RATE" <<'EOF' >&2 || true
+# The summary, as Markdown tables (what BENCHMARKS.md shows).
+python3 - "$ALL" "$RATE" <<'EOF' || true
 import json, sys
 rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
 rate = sys.argv[2]
 by = {}
 for r in rows:
     by.setdefault(r["store"], {})[r["name"]] = r
+def cpu(r):
+    g = r.get("server_cpu_us_per_req") or 0
+    x = r.get("extra_cpu_us_per_req")
+    return "%.0f" % g if x is None else "%.0f + %.0f Redis = %.0f" % (g, x, g + x)
 print()
-print("store    | healthz rps | p50/p99 ms  | webhook rps | p50/p99 ms  | ratio | @%s/s p50/p99/max ms | CPU us/webhook | errors" % rate)
+d = by.get("disk", {}).get("fsync")
+if d:
+    print("Disk: %d x (8 KiB write + fdatasync) back to back: p50 %.2f ms, p90 %.2f ms, p99 %.2f ms, max %.2f ms" % (
+        d["requests"], d["p50_ms"], d["p90_ms"], d["p99_ms"], d["max_ms"]))
+    print()
+print("| store | run | requests | errors | req/s | p50 ms | p99 ms | max ms | gateway CPU us/req | load generator CPU us/req | other CPU s |")
+print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+for store, runs in by.items():
+    if store == "disk":
+        continue
+    for name, r in runs.items():
+        print("| %s | %s | %d | %d | %.0f | %.2f | %.2f | %.2f | %s | %.0f | %.1f |" % (
+            store, name, r["requests"], r["errors"], r["rps"], r["p50_ms"], r["p99_ms"], r["max_ms"],
+            cpu(r), r.get("loadgen_cpu_us_per_req") or 0, r.get("other_cpu_s") or 0))
+print()
+print("| store | baseline req/s (p50/p99 ms) | webhooks req/s (p50/p99 ms) | webhooks / baseline | webhooks at %s/s: p50 / p99 / max ms | CPU us per webhook (max / at %s/s) |" % (rate, rate))
+print("| --- | ---: | ---: | ---: | ---: | ---: |")
 for store, runs in by.items():
     h, s, sr = runs.get("healthz"), runs.get("sms"), runs.get("sms@" + rate)
     if not (h and s and sr):
         continue
-    errors = sum(r["errors"] for r in runs.values())
-    print("%-8s | %11.0f | %5.2f/%5.2f | %11.0f | %5.2f/%5.2f | %4.0f%% | %6.2f/%6.2f/%7.2f | %7.0f (max) %4.0f (@%s) | %d" % (
+    print("| %s | %.0f (%.2f / %.2f) | %.0f (%.2f / %.2f) | %.0f%% | %.2f / %.2f / %.2f | %s / %s |" % (
         store, h["rps"], h["p50_ms"], h["p99_ms"], s["rps"], s["p50_ms"], s["p99_ms"],
-        100 * s["rps"] / h["rps"], sr["p50_ms"], sr["p99_ms"], sr["max_ms"],
-        s["server_cpu_us_per_req"] or 0, sr["server_cpu_us_per_req"] or 0, rate, errors))
+        100 * s["rps"] / h["rps"], sr["p50_ms"], sr["p99_ms"], sr["max_ms"], cpu(s), cpu(sr)))
 EOF
 
 if grep -q '"errors":[1-9]' "$ALL"; then

@@ -585,7 +585,12 @@ impl Gateway {
     }
 
     /// Typing: an `interaction.typing` event for live views; nothing is stored but the event.
-    async fn receive_typing(&self, ch: &ChannelRuntime, from: DigitalId, on: bool) -> GResult<bool> {
+    async fn receive_typing(
+        &self,
+        ch: &ChannelRuntime,
+        from: DigitalId,
+        on: bool,
+    ) -> GResult<bool> {
         let key = contact_key(ch.config.kind, &ch.config.id, from.as_str());
         let Some(case) = self
             .store

@@ -687,7 +687,11 @@ fn check_items(result: Result<Vec<Inbound>, IntakeError>) -> Result<(), TestCase
                         (from.clone(), provider_id.clone())
                     }
                     Inbound::Watermark(w) => (w.from.clone(), "watermark".into()),
-                    Inbound::Status(_) => return Err(TestCaseError::fail("no statuses from Meta")),
+                    Inbound::Status(_) | Inbound::Typing { .. } | Inbound::Revoked => {
+                        return Err(TestCaseError::fail(
+                            "Messenger yields no statuses, typing or revocations",
+                        ))
+                    }
                 };
                 prop_assert!(!from.is_empty() && !id.is_empty(), "{item:?}");
             }

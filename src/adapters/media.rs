@@ -69,6 +69,16 @@ impl std::fmt::Debug for MediaClient {
     }
 }
 
+/// Whether `host` is one of `allowed`; an entry `*.example.com` allows every
+/// subdomain of example.com (Meta serves media from numbered CDN hosts such as
+/// `scontent-iad3-1.xx.fbcdn.net`), never example.com itself or a look-alike.
+pub fn host_allowed(allowed: &[String], host: &str) -> bool {
+    allowed.iter().any(|a| match a.strip_prefix("*.") {
+        Some(suffix) => host.len() > suffix.len() + 1 && host.ends_with(&format!(".{suffix}")),
+        None => a == host,
+    })
+}
+
 /// A host name as we compare them: lower case, no IPv6 brackets, no trailing dot.
 fn normalize_host(host: &str) -> String {
     host.trim()
@@ -153,7 +163,7 @@ impl MediaClient {
             ));
         }
         let host = url.host_str().map(normalize_host).unwrap_or_default();
-        if !self.allowed_hosts.contains(&host) {
+        if !host_allowed(&self.allowed_hosts, &host) {
             return Err(format!("media host {host} is not allowed"));
         }
         Ok(())
@@ -453,6 +463,18 @@ mod tests {
             authorization(&plain, "https://graph.facebook.com/v25.0/123"),
             bearer
         );
+    }
+
+    #[test]
+    fn wildcard_hosts_allow_subdomains_only() {
+        let allowed = vec!["*.fbcdn.net".to_string(), "api.x.com".to_string()];
+        assert!(host_allowed(&allowed, "scontent-iad3-1.xx.fbcdn.net"));
+        assert!(host_allowed(&allowed, "video.xx.fbcdn.net"));
+        assert!(!host_allowed(&allowed, "fbcdn.net"));
+        assert!(!host_allowed(&allowed, "evilfbcdn.net"));
+        assert!(!host_allowed(&allowed, "fbcdn.net.evil.com"));
+        assert!(host_allowed(&allowed, "api.x.com"));
+        assert!(!host_allowed(&allowed, "x.com"));
     }
 
     #[test]

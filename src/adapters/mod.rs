@@ -176,7 +176,10 @@ pub enum Inbound {
     Echo(InboundMessage),
     Watermark(Watermark),
     /// The customer is typing (`on`) or stopped; shown live, never stored as a message.
-    Typing { from: String, on: bool },
+    Typing {
+        from: String,
+        on: bool,
+    },
     /// The provider says the channel's authorization was revoked: it needs re-authorisation.
     Revoked,
 }
@@ -239,9 +242,13 @@ pub struct OutgoingMessage {
     pub tag: Option<String>,
 }
 
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Default)]
 pub struct SendReceipt {
+    /// The provider's ID of the message (the last part, when it took several requests).
     pub provider_id: String,
+    /// IDs of the earlier parts (attachments sent one request each), so their
+    /// echoes and statuses are recognised as ours.
+    pub other_provider_ids: Vec<String>,
 }
 
 /// A failed send, classified by what to do next.

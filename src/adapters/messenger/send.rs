@@ -152,7 +152,8 @@ pub async fn send(
     let bodies = requests(kind, msg)?;
     let path = format!("{account_id}/messages");
     let total = bodies.len();
-    let mut last = None;
+    let mut last: Option<String> = None;
+    let mut earlier = vec![];
     for (n, body) in bodies.iter().enumerate() {
         let answer = match graph.post_json(&path, body).await {
             Ok(answer) => answer,
@@ -164,7 +165,9 @@ pub async fn send(
             .and_then(Value::as_str)
             .filter(|id| !id.is_empty())
         {
-            Some(id) => last = Some(id.to_string()),
+            Some(id) => {
+                earlier.extend(last.replace(id.to_string()));
+            }
             // Meta has taken it: a retry would message the customer twice.
             None => {
                 return Err(DeliveryError::permanent(format!(
@@ -175,8 +178,11 @@ pub async fn send(
             }
         }
     }
-    last.map(|provider_id| SendReceipt { provider_id })
-        .ok_or_else(|| DeliveryError::permanent("nothing to send"))
+    last.map(|provider_id| SendReceipt {
+        provider_id,
+        other_provider_ids: earlier,
+    })
+    .ok_or_else(|| DeliveryError::permanent("nothing to send"))
 }
 
 /// A failure after `sent` of `total` requests were accepted: final, keeping

@@ -508,7 +508,10 @@ impl Outbound for SmsChannel {
             .and_then(|c| c.sid)
             .filter(|s| !s.is_empty());
         match sid {
-            Some(provider_id) => Ok(SendReceipt { provider_id }),
+            Some(provider_id) => Ok(SendReceipt {
+                provider_id,
+                ..SendReceipt::default()
+            }),
             None => Err(DeliveryError::permanent(format!(
                 "Twilio accepted the message (HTTP {}) but its answer had no sid; \
                  not retried, so the customer is not texted twice",

@@ -141,7 +141,10 @@ impl Outbound for WhatsAppChannel {
     async fn send(&self, msg: &OutgoingMessage) -> Result<SendReceipt, DeliveryError> {
         send::send(&self.graph, &self.phone_number_id, msg)
             .await
-            .map(|provider_id| SendReceipt { provider_id })
+            .map(|provider_id| SendReceipt {
+                provider_id,
+                ..SendReceipt::default()
+            })
     }
 }
 
