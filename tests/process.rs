@@ -571,6 +571,85 @@ async fn demo_starts_without_config_and_simulate_reaches_the_agent_api() {
     );
 }
 
+/// The demo's WhatsApp, Messenger and Instagram channels work offline: `simulate` reaches
+/// the agent, and a reply goes through the Graph sandbox and comes back delivered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn demo_meta_channels_simulate_and_deliver() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let p = Proc::start(
+        &["serve", "--demo"],
+        &[("SWITCHBOARD__STORE__PATH", data.display().to_string())],
+        dir.path(),
+    )
+    .await;
+    let anne = p
+        .wait_line("agent anne token ", Duration::from_secs(5))
+        .await
+        .trim()
+        .to_string();
+    let api = Api::new(&p.url);
+    for (channel, text) in [
+        ("wa-main", "hola desde WhatsApp"),
+        ("fb-main", "hi from Messenger"),
+        ("ig-main", "hi from Instagram"),
+    ] {
+        let out = tokio::process::Command::from(command(dir.path()))
+            .args(["simulate", channel, "--url", p.url.as_str(), "--text", text])
+            .output()
+            .await
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "simulate {channel}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let (_, v) = api.get(&anne, "/api/v1/interactions?view=all").await;
+        let item = v["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|i| i["channel"]["id"] == channel)
+            .unwrap_or_else(|| panic!("no {channel} interaction: {v}"))
+            .clone();
+        let case = item["case_number"].as_u64().unwrap();
+        let (_, i) = api
+            .get(&anne, &format!("/api/v1/interactions/{case}"))
+            .await;
+        assert_eq!(i["messages"][0]["text"], text, "{i}");
+        api.post(
+            &anne,
+            &format!("/api/v1/interactions/{case}/assign"),
+            json!({}),
+        )
+        .await;
+        let (s, v) = api
+            .post(
+                &anne,
+                &format!("/api/v1/interactions/{case}/replies"),
+                json!({"text": "thanks!"}),
+            )
+            .await;
+        assert_eq!(s, 202, "{v}");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let (_, i) = api
+                .get(&anne, &format!("/api/v1/interactions/{case}"))
+                .await;
+            if i["messages"][1]["status"] == "delivered" {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{channel}: not delivered within 10 s: {i}\n{}",
+                p.output()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
 /// Runs `switchboard check-config --config FILE` with `envs`; (exit code, stdout).
 fn check_config(file: &std::path::Path, envs: &[(&str, &str)]) -> (i32, String) {
     let mut cmd = command(file.parent().unwrap());
