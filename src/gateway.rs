@@ -134,6 +134,26 @@ impl Gateway {
                 return Err(e.into());
             }
         };
+        self.process(&ch, items).await
+    }
+
+    /// Stores items that did not come through a provider webhook (web chat,
+    /// IMAP polling): the same rules, dedupe and events as a webhook.
+    pub async fn receive_direct(
+        &self,
+        channel_id: &str,
+        items: Vec<Inbound>,
+    ) -> GResult<IngestOutcome> {
+        let ch = self.channel(channel_id)?.clone();
+        self.process(&ch, items).await
+    }
+
+    async fn process(
+        &self,
+        ch: &Arc<ChannelRuntime>,
+        items: Vec<Inbound>,
+    ) -> GResult<IngestOutcome> {
+        let kind = ch.config.kind;
         // Canonicalise every sender before storing anything, so a bad item
         // refuses the whole webhook and nothing is stored half-way.
         let mut prepared = Vec::with_capacity(items.len());
@@ -162,15 +182,15 @@ impl Gateway {
         };
         for (id, item) in prepared {
             let fresh = match (item, id) {
-                (Inbound::Message(m), Some(id)) => self.receive_message(&ch, id, m).await?,
-                (Inbound::Echo(m), Some(id)) => self.receive_echo(&ch, id, m).await?,
-                (Inbound::Reaction(r), Some(id)) => self.receive_reaction(&ch, id, r).await?,
+                (Inbound::Message(m), Some(id)) => self.receive_message(ch, id, m).await?,
+                (Inbound::Echo(m), Some(id)) => self.receive_echo(ch, id, m).await?,
+                (Inbound::Reaction(r), Some(id)) => self.receive_reaction(ch, id, r).await?,
                 (Inbound::Retraction { provider_id, .. }, Some(_)) => {
-                    self.receive_retraction(&ch, &provider_id).await?
+                    self.receive_retraction(ch, &provider_id).await?
                 }
-                (Inbound::Watermark(w), Some(id)) => self.receive_watermark(&ch, id, w).await?,
-                (Inbound::Status(s), _) => self.receive_status(&ch, s).await?,
-                (Inbound::Typing { on, .. }, Some(id)) => self.receive_typing(&ch, id, on).await?,
+                (Inbound::Watermark(w), Some(id)) => self.receive_watermark(ch, id, w).await?,
+                (Inbound::Status(s), _) => self.receive_status(ch, s).await?,
+                (Inbound::Typing { on, .. }, Some(id)) => self.receive_typing(ch, id, on).await?,
                 (Inbound::Revoked, _) => {
                     self.set_channel_health(&ch.config.id, "needs_reauth").await;
                     true
@@ -582,6 +602,30 @@ impl Gateway {
             !was
         })
         .await
+    }
+
+    /// The assigned agent is typing: an `interaction.typing` event (web chat shows it to the visitor).
+    pub async fn agent_typing(&self, actor: &Actor, case: u64, on: bool) -> GResult<()> {
+        let i = self.visible(actor, case).await?;
+        if let Actor::Agent(a) = actor {
+            if i.assigned_to.as_deref() != Some(a.as_str()) {
+                return Err(Refusal::NotAssigned.into());
+            }
+        }
+        let event = crate::domain::EventDraft {
+            kind: "interaction.typing".into(),
+            at: Utc::now(),
+            case_number: case,
+            channel: serde_json::json!({"id": i.channel_id, "kind": i.channel_kind}),
+            data: serde_json::json!({"who": "agent", "agent": actor.id(), "state": if on { "on" } else { "off" }}),
+        };
+        self.store
+            .commit(Commit {
+                events: vec![event],
+                ..Commit::default()
+            })
+            .await?;
+        Ok(())
     }
 
     /// Typing: an `interaction.typing` event for live views; nothing is stored but the event.

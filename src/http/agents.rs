@@ -334,6 +334,25 @@ async fn transfer(
     Ok(answer(&state, &actor, &i))
 }
 
+async fn typing(
+    state: web::Data<State>,
+    Caller(actor): Caller,
+    path: web::Path<String>,
+    body: web::Bytes,
+) -> ApiResult<HttpResponse> {
+    let v = json_body(&body)?;
+    let on = match v.get("state").and_then(|s| s.as_str()).unwrap_or("on") {
+        "on" => true,
+        "off" => false,
+        _ => return Err(ApiError::validation("state", "state is on or off")),
+    };
+    state
+        .gateway
+        .agent_typing(&actor, case_number(&path)?, on)
+        .await?;
+    Ok(HttpResponse::NoContent().finish())
+}
+
 async fn contact(
     state: web::Data<State>,
     Caller(actor): Caller,

@@ -53,6 +53,7 @@ routes! {
     "post" "/api/v1/interactions/{case_number}/end" "agent" "End with a disposition";
     "post" "/api/v1/interactions/{case_number}/transfer" "agent" "Transfer to another digital queue";
     "get" "/api/v1/interactions/{case_number}/contact" "agent" "Contact details, the caller's notes, history";
+    "post" "/api/v1/interactions/{case_number}/typing" "agent" "The assigned agent is typing ({state: on|off}); web chat visitors see it";
     "put" "/api/v1/contacts/{contact_id}/notes" "agent" "Save the caller's private notes on a contact";
     "post" "/api/v1/outbound/sms" "agent" "Start an outbound SMS (agents of an outbound_sms queue)";
     "post" "/api/v1/sms/preview" "agent" "Encoding and segment count of an SMS text";
