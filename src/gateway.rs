@@ -455,14 +455,11 @@ impl Gateway {
                 events,
                 ..Commit::default()
             };
-            match self.store.commit(commit).await {
-                Ok(_) => return Ok(true),
-                Err(StoreError::Conflict) => continue,
-                Err(StoreError::Duplicate { .. }) => return Ok(false),
-                Err(e) => return Err(e.into()),
+            if let Some(stored) = self.try_commit(commit).await? {
+                return Ok(stored);
             }
         }
-        Err(StoreError::Unavailable("too many concurrent changes; try again".into()).into())
+        Err(too_busy())
     }
 
     /// The contact holding any of these IDs (the first is the primary), or a new one.
@@ -553,14 +550,11 @@ impl Gateway {
                 }];
                 commit.interaction = Some(i);
             }
-            match self.store.commit(commit).await {
-                Ok(_) => return Ok(true),
-                Err(StoreError::Conflict) => continue,
-                Err(StoreError::Duplicate { .. }) => return Ok(false),
-                Err(e) => return Err(e.into()),
+            if let Some(stored) = self.try_commit(commit).await? {
+                return Ok(stored);
             }
         }
-        Err(StoreError::Unavailable("too many concurrent changes; try again".into()).into())
+        Err(too_busy())
     }
 
     /// A reaction is stored on the message it reacts to; an unknown target is ignored.
@@ -709,7 +703,7 @@ impl Gateway {
                 Err(e) => return Err(e.into()),
             }
         }
-        Err(StoreError::Unavailable("too many concurrent changes; try again".into()).into())
+        Err(too_busy())
     }
 
     /// A business message echoed back by the provider. Ours is matched (and
@@ -841,14 +835,11 @@ impl Gateway {
                 events: vec![event],
                 ..Commit::default()
             };
-            match self.store.commit(commit).await {
-                Ok(_) => return Ok(true),
-                Err(StoreError::Conflict) => continue,
-                Err(StoreError::Duplicate { .. }) => return Ok(false),
-                Err(e) => return Err(e.into()),
+            if let Some(stored) = self.try_commit(commit).await? {
+                return Ok(stored);
             }
         }
-        Err(StoreError::Unavailable("too many concurrent changes; try again".into()).into())
+        Err(too_busy())
     }
 
     /// Applies a provider's delivery status; false when it was a duplicate.
@@ -927,17 +918,26 @@ impl Gateway {
             if commit.claims.is_empty() && commit.index.is_empty() && commit.interaction.is_none() {
                 return Ok(true);
             }
-            match self.store.commit(commit).await {
-                Ok(_) => return Ok(true),
-                Err(StoreError::Conflict) => continue,
-                Err(StoreError::Duplicate { .. }) => return Ok(false),
-                Err(e) => return Err(e.into()),
+            if let Some(stored) = self.try_commit(commit).await? {
+                return Ok(stored);
             }
         }
-        Err(StoreError::Unavailable("too many concurrent changes; try again".into()).into())
+        Err(too_busy())
     }
 
     // ----- agents -------------------------------------------------------
+
+    /// One attempt of a load-change-commit loop: `Some(true)` stored,
+    /// `Some(false)` a claim was already taken (a duplicate), `None` a
+    /// version conflict (load again and retry).
+    async fn try_commit(&self, commit: Commit) -> GResult<Option<bool>> {
+        match self.store.commit(commit).await {
+            Ok(_) => Ok(Some(true)),
+            Err(StoreError::Conflict) => Ok(None),
+            Err(StoreError::Duplicate { .. }) => Ok(Some(false)),
+            Err(e) => Err(e.into()),
+        }
+    }
 
     /// The queues an actor may see (a service sees all).
     pub fn visible_queues(&self, actor: &Actor) -> Vec<String> {
@@ -993,7 +993,7 @@ impl Gateway {
                 Err(e) => return Err(e.into()),
             }
         }
-        Err(StoreError::Unavailable("too many concurrent changes; try again".into()).into())
+        Err(too_busy())
     }
 
     pub async fn assign(
@@ -1558,7 +1558,7 @@ impl Gateway {
                 Err(e) => return Err(e.into()),
             }
         }
-        Err(StoreError::Unavailable("too many concurrent changes; try again".into()).into())
+        Err(too_busy())
     }
 
     /// The list an agent works from (CONTRACT.md, "Lists and feeds").
@@ -1856,6 +1856,11 @@ fn failed_attachment(
         source_url: Some(media.url.clone()).filter(|u| !u.is_empty()),
         source_media_id: media.media_id.clone(),
     }
+}
+
+/// What a retry loop answers when every attempt lost a race.
+fn too_busy() -> GatewayError {
+    StoreError::Unavailable("too many concurrent changes; try again".into()).into()
 }
 
 /// Index entries that find an attachment's interaction from its ID.

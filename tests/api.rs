@@ -1,6 +1,7 @@
 //! Black-box tests of the whole gateway over HTTP, with wiremock as Twilio.
 //! Each scenario runs on both stores.
 
+#[macro_use]
 mod common;
 
 use common::*;
@@ -20,19 +21,6 @@ async fn twilio_accepts(app: &TestApp, sid: &str) {
         .respond_with(ResponseTemplate::new(201).set_body_json(twilio_created(sid)))
         .mount(&app.twilio)
         .await;
-}
-
-macro_rules! on_both_stores {
-    ($($name:ident),* $(,)?) => {
-        mod embedded {
-            $( #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-               async fn $name() { super::$name(super::Backend::Embedded).await } )*
-        }
-        mod redis_store {
-            $( #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-               async fn $name() { super::$name(super::Backend::Redis).await } )*
-        }
-    };
 }
 
 on_both_stores!(

@@ -1,6 +1,7 @@
 //! Black-box tests of the WhatsApp, Messenger and Instagram channels, with
 //! wiremock serving Meta's Graph API in its documented shapes.
 
+#[macro_use]
 mod common;
 
 use chrono::Utc;
@@ -124,19 +125,6 @@ async fn graph_send_ok(app: &TestApp, path_: &str, answer: Value) {
         .respond_with(ResponseTemplate::new(200).set_body_json(answer))
         .mount(&app.twilio)
         .await;
-}
-
-macro_rules! on_both_stores {
-    ($($name:ident),* $(,)?) => {
-        mod embedded {
-            $( #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-               async fn $name() { super::$name(super::Backend::Embedded).await } )*
-        }
-        mod redis_store {
-            $( #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-               async fn $name() { super::$name(super::Backend::Redis).await } )*
-        }
-    };
 }
 
 on_both_stores!(

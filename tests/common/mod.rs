@@ -2,6 +2,21 @@
 //! server as Twilio, agents with tokens, and signed provider webhooks.
 #![allow(dead_code)]
 
+/// Runs each named `async fn name(b: Backend)` as two tests, one per store.
+#[allow(unused_macros)]
+macro_rules! on_both_stores {
+    ($($name:ident),* $(,)?) => {
+        mod embedded {
+            $( #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+               async fn $name() { super::$name(super::Backend::Embedded).await } )*
+        }
+        mod redis_store {
+            $( #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+               async fn $name() { super::$name(super::Backend::Redis).await } )*
+        }
+    };
+}
+
 use serde_json::{json, Value};
 use std::time::Duration;
 use switchboard::app::Application;
