@@ -42,6 +42,7 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
             "/api/v1/interactions/{case}/contact",
             web::get().to(contact),
         )
+        .route("/api/v1/interactions/{case}/typing", web::post().to(typing))
         .route("/api/v1/contacts/{id}/notes", web::put().to(put_notes))
         .route("/api/v1/outbound/sms", web::post().to(outbound_sms))
         .route("/api/v1/outbound/email", web::post().to(outbound_email))
