@@ -471,3 +471,50 @@ async fn event_sinks_receive_signed_events_and_are_retried() {
         ]
     );
 }
+
+/// The assigned agent's typing indicator reaches the live feeds; others may not send it.
+#[tokio::test]
+async fn agent_typing_is_an_event_for_the_assigned_agent_only() {
+    let app = TestApp::start(Backend::Embedded).await;
+    app.sms_from("+14158675309", "hi", "SMty").await;
+    let case = app.only_case().await;
+    let (s, v) = app
+        .post(
+            ANNE,
+            &format!("/api/v1/interactions/{case}/typing"),
+            json!({"state": "on"}),
+        )
+        .await;
+    assert_eq!((s, v["code"].as_str()), (409, Some("not_assigned")));
+    app.post(
+        ANNE,
+        &format!("/api/v1/interactions/{case}/assign"),
+        json!({}),
+    )
+    .await;
+    let (s, _) = app
+        .post(
+            ANNE,
+            &format!("/api/v1/interactions/{case}/typing"),
+            json!({"state": "on"}),
+        )
+        .await;
+    assert_eq!(s, 204);
+    let (s, v) = app
+        .post(
+            ANNE,
+            &format!("/api/v1/interactions/{case}/typing"),
+            json!({"state": "maybe"}),
+        )
+        .await;
+    assert_eq!((s, v["field"].as_str()), (422, Some("state")));
+    let typing: Vec<Value> = app
+        .events()
+        .await
+        .into_iter()
+        .filter(|e| e["type"] == "interaction.typing")
+        .collect();
+    assert_eq!(typing.len(), 1);
+    assert_eq!(typing[0]["data"]["who"], "agent");
+    assert_eq!(typing[0]["data"]["state"], "on");
+}
