@@ -29,6 +29,16 @@ if ! redis-cli -h 127.0.0.1 -p 6379 ping >/dev/null 2>&1; then
     sleep 0.1
   done
 fi
+# Chromium and Node.js: the web chat widget is tested in a real headless browser
+# driven by playwright-core (pinned in tests/browser/package-lock.json).
+if [ ! -x /usr/bin/chromium ]; then
+  apt_install chromium
+fi
+if ! command -v node >/dev/null 2>&1 || ! command -v npm >/dev/null 2>&1; then
+  apt_install nodejs npm
+fi
+npm ci --prefix tests/browser --no-audit --no-fund --loglevel=error
+
 export SWITCHBOARD_TEST_REDIS_URL="${SWITCHBOARD_TEST_REDIS_URL:-redis://127.0.0.1:6379/0}"
 
 cargo fmt --check

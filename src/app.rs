@@ -2,7 +2,7 @@
 //! builds the channels, binds the listener (port 0 works) and starts the
 //! workers. `serve` and the black-box tests build the same application.
 
-use crate::adapters::{media::MediaClient, messenger, sms, whatsapp};
+use crate::adapters::{media::MediaClient, messenger, sms, twitter, whatsapp};
 use crate::config::{Backend, Settings};
 use crate::domain::{new_secret, ChannelKind};
 use crate::gateway::{ChannelRuntime, Gateway};
@@ -71,7 +71,10 @@ async fn media_secret(store: &DynStore) -> anyhow::Result<Vec<u8>> {
 }
 
 /// Builds the runtime of every configured channel.
-pub fn build_channels(settings: &Settings) -> anyhow::Result<HashMap<String, Arc<ChannelRuntime>>> {
+pub fn build_channels(
+    settings: &Settings,
+    store: &DynStore,
+) -> anyhow::Result<HashMap<String, Arc<ChannelRuntime>>> {
     let public_url = settings.server.public_url();
     let mut out = HashMap::new();
     for c in &settings.channels {
@@ -105,6 +108,25 @@ pub fn build_channels(settings: &Settings) -> anyhow::Result<HashMap<String, Arc
                     resolver: Some(adapter),
                 }
             }
+            ChannelKind::Twitter => {
+                let adapter =
+                    Arc::new(twitter::XChannel::new(c, store.clone()).map_err(anyhow::Error::msg)?);
+                let token: Arc<dyn crate::adapters::media::TokenSource> = adapter.clone();
+                ChannelRuntime {
+                    config: c.clone(),
+                    manifest: m,
+                    intake: adapter.clone(),
+                    outbound: adapter,
+                    // DM media on ton.twitter.com needs the user token, which rotates.
+                    media: MediaClient::new(
+                        c,
+                        m,
+                        crate::adapters::media::Credentials::BearerFrom(token),
+                    )
+                    .with_credential_hosts(vec!["ton.twitter.com".into()]),
+                    resolver: None,
+                }
+            }
             ChannelKind::Facebook | ChannelKind::Instagram => {
                 let adapter = Arc::new(
                     messenger::MessengerChannel::new(c)
@@ -117,6 +139,22 @@ pub fn build_channels(settings: &Settings) -> anyhow::Result<HashMap<String, Arc
                     outbound: adapter,
                     media: MediaClient::new(c, m, messenger::media_credentials(c)),
                     resolver: None,
+                }
+            }
+            ChannelKind::Chat => {
+                // The gateway is the provider: uploads are copied into messages
+                // from this process's own address (see adapters::chat).
+                let adapter = Arc::new(
+                    crate::adapters::chat::ChatChannel::new(c, &settings.server.listen)
+                        .map_err(anyhow::Error::msg)?,
+                );
+                ChannelRuntime {
+                    config: c.clone(),
+                    manifest: m,
+                    intake: adapter.clone(),
+                    outbound: adapter.clone(),
+                    media: adapter.media_client(c, m),
+                    resolver: Some(adapter),
                 }
             }
             other => anyhow::bail!("channel {}: {other} channels are not supported yet", c.id),
@@ -142,7 +180,7 @@ impl Application {
         let settings = settings.validate()?;
         let store = open_store(&settings).await?;
         let media_secret = media_secret(&store).await?;
-        let channels = build_channels(&settings)?;
+        let channels = build_channels(&settings, &store)?;
         let gateway = Arc::new(Gateway {
             settings: Arc::new(settings.clone()),
             store,
@@ -255,7 +293,8 @@ async fn wait_for_signal(token: &CancellationToken) {
     }
 }
 
-/// A request span per HTTP request (method, path, status), at debug level.
+/// One log line per HTTP request: method, path (never the query, which may
+/// carry a web chat token), status and time.
 fn tracing_actix() -> actix_web::middleware::Logger {
-    actix_web::middleware::Logger::new("%r %s %Dms").log_target("switchboard::http")
+    actix_web::middleware::Logger::new("%m %U %s %Dms").log_target("switchboard::http")
 }

@@ -21,6 +21,9 @@ pub const DEMO_TWILIO_AUTH_TOKEN: &str = "demo-twilio-auth-token";
 pub const DEMO_META_APP_SECRET: &str = "demo-meta-app-secret";
 pub const DEMO_META_VERIFY_TOKEN: &str = "demo-meta-verify-token";
 pub const DEMO_META_ACCESS_TOKEN: &str = "demo-meta-access-token";
+pub const DEMO_X_CONSUMER_SECRET: &str = "demo-x-consumer-secret";
+pub const DEMO_X_USER_ID: &str = "1000000000000000001";
+pub const DEMO_X_ACCESS_TOKEN: &str = "demo-x-access-token";
 
 /// The demo configuration, with fresh random agent and service tokens.
 pub fn settings() -> Settings {
@@ -100,6 +103,22 @@ app_secret = "{DEMO_META_APP_SECRET}"
 verify_token = "{DEMO_META_VERIFY_TOKEN}"
 access_token = "{DEMO_META_ACCESS_TOKEN}"
 ig_account_id = "17841400000000000"
+
+[[channels]]
+id = "x-main"
+kind = "twitter"
+name = "X: @demo"
+queue = "support"
+consumer_secret = "{DEMO_X_CONSUMER_SECRET}"
+user_id = "{DEMO_X_USER_ID}"
+access_token = "{DEMO_X_ACCESS_TOKEN}"
+
+[[channels]]
+id = "chat-main"
+kind = "chat"
+name = "Web chat"
+queue = "support"
+allowed_origins = ["http://127.0.0.1:8080", "http://localhost:8080"]
 "#
     ))
     .expect("the demo configuration parses");
@@ -141,6 +160,7 @@ pub fn point_at_sandbox(s: &mut Settings) {
             Whatsapp | Facebook | Instagram => {
                 c.api_base = Some(format!("{base}/sandbox/graph/v25.0"))
             }
+            Twitter => c.api_base = Some(format!("{base}/sandbox/x")),
             _ => {}
         }
         let host = url::Url::parse(&base)
@@ -163,7 +183,57 @@ pub fn configure_sandbox(cfg: &mut web::ServiceConfig) {
     .route(
         "/sandbox/graph/v25.0/{id}/media",
         web::post().to(graph_upload),
+    )
+    .route(
+        "/sandbox/x/2/dm_conversations/with/{participant}/messages",
+        web::post().to(x_send),
+    )
+    .route("/sandbox/x/2/media/upload", web::post().to(x_upload));
+}
+
+fn x_authorized(state: &State, req: &HttpRequest) -> bool {
+    let presented = req
+        .headers()
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    state.gateway.settings.channels.iter().any(|c| {
+        c.kind == crate::domain::ChannelKind::Twitter && c.str("access_token") == Some(presented)
+    })
+}
+
+fn x_unauthorized() -> HttpResponse {
+    HttpResponse::Unauthorized().json(
+        json!({"title": "Unauthorized", "type": "about:blank", "status": 401, "detail": "Unauthorized"}),
+    )
+}
+
+/// Accepts an X API v2 direct message as X does. (X reports no delivery for DMs.)
+async fn x_send(
+    state: web::Data<State>,
+    path: web::Path<String>,
+    req: HttpRequest,
+) -> HttpResponse {
+    if !x_authorized(&state, &req) {
+        return x_unauthorized();
+    }
+    let event_id = format!(
+        "{}",
+        1_900_000_000_000_000_000u64 + rand::random::<u32>() as u64
     );
+    HttpResponse::Created().json(json!({"data": {
+        "dm_conversation_id": format!("{DEMO_X_USER_ID}-{}", path.into_inner()),
+        "dm_event_id": event_id}}))
+}
+
+/// Accepts every step of X's chunked media upload (INIT, APPEND, FINALIZE).
+async fn x_upload(state: web::Data<State>, req: HttpRequest) -> HttpResponse {
+    if !x_authorized(&state, &req) {
+        return x_unauthorized();
+    }
+    HttpResponse::Ok().json(json!({"data": {"id": "1880000000000000001",
+        "media_key": "3_1880000000000000001", "expires_after_secs": 86400}}))
 }
 
 /// The Meta channel whose phone number, page or account id is `id`, if the bearer token is its own.

@@ -149,6 +149,14 @@ async fn serve(config: Option<PathBuf>, demo: bool) -> anyhow::Result<std::proce
         println!("agent API:       {url}/api/v1/me  (Authorization: Bearer <token>)");
         println!("routing feed:    {url}/api/v1/routing/events");
         println!("API description: {url}/openapi.json");
+        for c in g
+            .settings
+            .channels
+            .iter()
+            .filter(|c| c.kind == switchboard::domain::ChannelKind::Chat)
+        {
+            println!("web chat:        {url}/chat/{}", c.id);
+        }
         for c in &g.settings.channels {
             println!(
                 "channel {} ({}): try  switchboard simulate {} --url {url} --text \"hello\"",
@@ -217,6 +225,27 @@ async fn simulate(
         .public_url
         .clone()
         .unwrap_or_else(|| base.clone());
+    if ch.kind == switchboard::domain::ChannelKind::Chat {
+        // Web chat has no provider webhook: be a visitor, as the widget is.
+        let text = text.as_deref().unwrap_or("Hello from the simulator");
+        return match switchboard::adapters::chat::simulate_visitor(
+            &base,
+            &channel_id,
+            text,
+            from.as_deref(),
+        )
+        .await
+        {
+            Ok(answer) => {
+                println!("{answer}");
+                Ok(std::process::ExitCode::SUCCESS)
+            }
+            Err(e) => {
+                println!("{e}");
+                Ok(std::process::ExitCode::FAILURE)
+            }
+        };
+    }
     let req = switchboard::simulate::build(
         &ch,
         &public_url,

@@ -1,6 +1,6 @@
 //! `switchboard simulate`: a webhook exactly as a channel's provider would send it.
 
-use crate::adapters::{messenger, sms, whatsapp};
+use crate::adapters::{messenger, sms, twitter, whatsapp};
 use crate::config::ChannelConfig;
 use crate::domain::{new_id, ChannelKind};
 use std::path::Path;
@@ -59,6 +59,23 @@ pub fn build(
                 from.unwrap_or(default_from),
                 text.unwrap_or("Hello from the simulator"),
                 &mid,
+            ))
+        }
+        ChannelKind::Twitter => {
+            if let Some(path) = file {
+                return Ok(twitter::simulate_payload(ch, &std::fs::read(path)?));
+            }
+            // X event IDs are numeric.
+            let id = chrono::Utc::now()
+                .timestamp_nanos_opt()
+                .unwrap_or_default()
+                .to_string();
+            Ok(twitter::simulate_inbound(
+                ch,
+                from.unwrap_or("2874619305"),
+                "Kerry Lindqvist",
+                text.unwrap_or("Hello from the simulator"),
+                &id,
             ))
         }
         other => anyhow::bail!("simulate does not support {other} channels yet"),

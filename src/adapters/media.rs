@@ -31,8 +31,19 @@ pub const MAX_REDIRECTS: usize = 5;
 #[derive(Debug, Clone)]
 pub enum Credentials {
     None,
-    Basic { user: String, password: String },
+    Basic {
+        user: String,
+        password: String,
+    },
     Bearer(String),
+    /// A bearer token that rotates (X's two-hour user tokens): asked for at each download.
+    BearerFrom(std::sync::Arc<dyn TokenSource>),
+}
+
+/// Where a rotating bearer token comes from.
+#[async_trait::async_trait]
+pub trait TokenSource: Send + Sync + std::fmt::Debug {
+    async fn bearer(&self) -> Result<String, String>;
 }
 
 #[derive(Debug, Clone)]
@@ -169,12 +180,22 @@ impl MediaClient {
         Ok(())
     }
 
+    #[cfg(test)]
     fn authorize(&self, url: &Url, req: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
+        self.authorize_with(&self.credentials, url, req)
+    }
+
+    fn authorize_with(
+        &self,
+        creds: &Credentials,
+        url: &Url,
+        req: reqwest::RequestBuilder,
+    ) -> reqwest::RequestBuilder {
         if !self.gets_credentials(url) {
             return req;
         }
-        match &self.credentials {
-            Credentials::None => req,
+        match creds {
+            Credentials::None | Credentials::BearerFrom(_) => req,
             Credentials::Basic { user, password } => req.basic_auth(user, Some(password)),
             Credentials::Bearer(token) => req.bearer_auth(token),
         }
@@ -185,9 +206,14 @@ impl MediaClient {
         let mut url = Url::parse(&media.url)
             .map_err(|e| format!("media URL is not a URL ({e}): {}", media.url))?;
         let mut redirects = 0;
+        // A rotating token is asked for once per download, then used like a fixed one.
+        let creds = match &self.credentials {
+            Credentials::BearerFrom(source) => Credentials::Bearer(source.bearer().await?),
+            c => c.clone(),
+        };
         let mut resp = loop {
             self.check(&url)?;
-            let req = self.authorize(&url, self.http.get(url.clone()));
+            let req = self.authorize_with(&creds, &url, self.http.get(url.clone()));
             let resp = req
                 .send()
                 .await

@@ -6,8 +6,8 @@
 //! | whatsapp | [`whatsapp`] | Cloud API webhooks: messages, statuses, reactions, media by ID | `/{phone_number_id}/messages`, media upload | `X-Hub-Signature-256` |
 //! | facebook, instagram | [`messenger`] | Messenger Platform `messaging[]`: messages, echoes, reactions, watermarks | `/{page or account id}/messages` | `X-Hub-Signature-256` |
 //! | email | (next) | IMAP polling, raw RFC 5322 over HTTP | SMTP | Standard Webhooks |
-//! | twitter | (next) | Account Activity webhooks | X API v2 | `x-twitter-webhooks-signature` |
-//! | chat | (next) | our widget | WebSocket | session token |
+//! | twitter | [`twitter`] | Account Activity webhooks: DMs, echoes, typing, read, revoke | X API v2 DMs, chunked media upload, token refresh | `x-twitter-webhooks-signature` |
+//! | chat | [`chat`] | our widget over WebSocket or HTTP (`/chat/...`) | the store's event stream to the visitor's socket | session token |
 //!
 //! Adapters are split by direction because channels differ: webhook intake
 //! ([`WebhookIntake`]: handshake, verify, normalize, ack) and delivery
@@ -15,10 +15,12 @@
 //! values, so the fixtures in `fixtures/` test most of an adapter without a
 //! network; only `send` and media downloads touch it.
 
+pub mod chat;
 pub mod media;
 pub mod messenger;
 pub mod meta;
 pub mod sms;
+pub mod twitter;
 pub mod whatsapp;
 
 use crate::domain::DeliveryStatus;

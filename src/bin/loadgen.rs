@@ -73,7 +73,7 @@ struct Cli {
     /// Requests sent (and not measured) before the clock starts, to open connections.
     #[arg(long, default_value_t = 500)]
     warmup: usize,
-    /// Closed loop: at most this many measured requests (SMS requests are built beforehand).
+    /// Closed loop, sms: at most this many measured requests (they are built beforehand).
     #[arg(long, default_value_t = 150_000)]
     max_requests: usize,
     /// Open loop: at most this many requests in flight (later ones wait, and their wait counts).
@@ -191,6 +191,15 @@ fn cpu_seconds(pid: &str, clk_tck: u64) -> Option<f64> {
     let utime: u64 = fields.nth(11)?.parse().ok()?;
     let stime: u64 = fields.next()?.parse().ok()?;
     Some((utime + stime) as f64 / clk_tck as f64)
+}
+
+/// Bytes a process has caused to be written to storage so far (`write_bytes`
+/// of `/proc/PID/io`).
+fn written_bytes(pid: &str) -> Option<u64> {
+    let io = std::fs::read_to_string(format!("/proc/{pid}/io")).ok()?;
+    io.lines()
+        .find_map(|l| l.strip_prefix("write_bytes:"))
+        .and_then(|v| v.trim().parse().ok())
 }
 
 /// CPU time the whole machine has spent busy so far (all cores), in seconds:
@@ -470,6 +479,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         .timeout(Duration::from_secs_f64(cli.timeout))
         .build()?;
     let measured = match (cli.concurrency, cli.rate) {
+        // Healthz requests are made as they go: only the duration bounds them.
+        (Some(_), _) if cli.mode == Mode::Healthz => usize::MAX - cli.warmup,
         (Some(_), _) => cli.max_requests,
         (None, Some(rate)) => (rate as f64 * cli.duration).round() as usize,
         (None, None) => bail!("give --concurrency or --rate"),
@@ -509,6 +520,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let pid = cli.pid.map(|p| p.to_string());
     let server_cpu_before = pid.as_deref().and_then(|p| cpu_seconds(p, cli.clk_tck));
     let self_cpu_before = cpu_seconds("self", cli.clk_tck);
+    let written_before = pid.as_deref().and_then(written_bytes);
     let machine_before = machine_busy_seconds(cli.clk_tck);
     let extra_pid = cli.extra_pid.map(|p| p.to_string());
     let extra_cpu_before = extra_pid
@@ -542,6 +554,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let self_cpu = cpu_seconds("self", cli.clk_tck)
         .zip(self_cpu_before)
         .map(|(after, before)| after - before);
+    let written = pid
+        .as_deref()
+        .and_then(written_bytes)
+        .zip(written_before)
+        .map(|(after, before)| after.saturating_sub(before));
     let extra_cpu = extra_pid
         .as_deref()
         .and_then(|p| cpu_seconds(p, cli.clk_tck))
@@ -609,6 +626,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         "server_cpu_s": server_cpu.map(|c| round(c, 2)),
         "server_cpu_us_per_req": per_request_us(server_cpu),
         "extra_cpu_us_per_req": per_request_us(extra_cpu),
+        "server_written_kb_per_req": written
+            .filter(|_| requests > 0)
+            .map(|w| round(w as f64 / 1024.0 / requests as f64, 2)),
         "loadgen_cpu_us_per_req": per_request_us(self_cpu),
         "loadgen_cpu_s": self_cpu.map(|c| round(c, 2)),
         "other_cpu_s": other_cpu.map(|c| round(c.max(0.0), 2)),

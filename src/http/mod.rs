@@ -6,6 +6,7 @@
 
 pub mod agents;
 pub mod auth;
+pub mod chat;
 pub mod ops;
 pub mod problem;
 pub mod webhooks;
@@ -63,6 +64,15 @@ routes! {
     "get" "/api/v1/routing/events" "service" "The routing feed: after, wait (long poll)";
     "post" "/agent/session" "none" "Sign in: {token} sets the session cookie";
     "delete" "/agent/session" "none" "Sign out";
+    "get" "/chat/widget.js" "none" "The web chat widget: one script tag, no build step";
+    "get" "/chat/widget.css" "none" "The web chat widget's styles";
+    "get" "/chat/{channel_id}" "none" "A page with the web chat widget";
+    "post" "/chat/{channel_id}/sessions" "origin" "Open (or, with the session token, resume) a visitor session: {name?, email?, identifier?, identifier_hash?} -> {session_id, token}";
+    "get" "/chat/{channel_id}/ws" "visitor" "The visitor's WebSocket (?token=): JSON frames message, typing, resume; ack, message, typing";
+    "post" "/chat/{channel_id}/messages" "visitor" "HTTP fallback of a message frame ({client_message_id, text, attachments}); answers the ack";
+    "get" "/chat/{channel_id}/messages" "visitor" "The visitor's messages after after_seq";
+    "post" "/chat/{channel_id}/attachments" "visitor" "Upload a file (multipart part file, at most 10 MiB): {id}";
+    "get" "/chat/{channel_id}/attachments/{id}" "visitor" "Download one of the visitor's files";
     "get" "/healthz" "none" "Liveness";
     "get" "/readyz" "none" "Readiness: the store answers; channel health in the body";
     "get" "/metrics" "none" "Prometheus metrics";
@@ -73,6 +83,7 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
     webhooks::configure(cfg);
     agents::configure(cfg);
     ops::configure(cfg);
+    chat::configure(cfg);
 }
 
 /// What an unknown route answers: a problem, like every other error.
