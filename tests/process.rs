@@ -652,6 +652,117 @@ async fn demo_meta_channels_simulate_and_deliver() {
     }
 }
 
+/// Web chat across nodes: a visitor connected to process A gets the reply an
+/// agent sent through process B, because the fan-out travels through Redis.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn web_chat_reply_through_one_process_reaches_a_visitor_on_another() {
+    use futures_util::SinkExt;
+    use tokio_tungstenite::tungstenite::Message as WsMessage;
+    let keys = RedisKeys::new();
+    let twilio = twilio_accepting("SMunused").await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("switchboard.toml");
+    let mut text = config_toml(&twilio.uri(), &dir.path().join("data"), "redis", &keys.0);
+    text.push_str(
+        r#"
+[[channels]]
+id = "chat-main"
+kind = "chat"
+name = "Web chat"
+queue = "support"
+allowed_origins = ["https://shop.example"]
+"#,
+    );
+    std::fs::write(&config, text).unwrap();
+    let cfg = config.to_str().unwrap();
+    let pa = Proc::start(&["serve", "--config", cfg], &[], dir.path()).await;
+    let pb = Proc::start(&["serve", "--config", cfg], &[], dir.path()).await;
+    let http = reqwest::Client::new();
+    let session: Value = http
+        .post(format!("{}/chat/chat-main/sessions", pa.url))
+        .header("origin", "https://shop.example")
+        .json(&json!({"name": "Visitor"}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let token = session["token"]
+        .as_str()
+        .expect("a session token")
+        .to_string();
+    let ws_url = format!(
+        "{}/chat/chat-main/ws?token={token}",
+        pa.url.replacen("http", "ws", 1)
+    );
+    let mut req = tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(
+        ws_url.as_str(),
+    )
+    .unwrap();
+    req.headers_mut()
+        .insert("Origin", "https://shop.example".parse().unwrap());
+    let (mut ws, _) = tokio_tungstenite::connect_async(req)
+        .await
+        .expect("the socket opens on A");
+    ws.send(WsMessage::text(
+        json!({"type": "message", "client_message_id": "c1", "text": "is anyone there?"})
+            .to_string(),
+    ))
+    .await
+    .unwrap();
+    let b = Api::new(&pb.url);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let case = loop {
+        let items = b.all_cases().await;
+        if let Some(i) = items.iter().find(|i| i["channel"]["id"] == "chat-main") {
+            break i["case_number"].as_u64().unwrap();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the visitor's message never reached B: {}",
+            pa.output()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    b.post(
+        ANNE,
+        &format!("/api/v1/interactions/{case}/assign"),
+        json!({}),
+    )
+    .await;
+    let (s, v) = b
+        .post(
+            ANNE,
+            &format!("/api/v1/interactions/{case}/replies"),
+            json!({"text": "Yes, Anne here"}),
+        )
+        .await;
+    assert_eq!(s, 202, "{v}");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        let frame = tokio::time::timeout(left, ws.next())
+            .await
+            .unwrap_or_else(|_| {
+                panic!(
+                    "the reply sent through B never reached the visitor on A\nA: {}\nB: {}",
+                    pa.output(),
+                    pb.output()
+                )
+            })
+            .expect("the socket stays open")
+            .expect("a frame");
+        if let WsMessage::Text(t) = frame {
+            let v: Value = serde_json::from_str(&t).unwrap();
+            if v["type"] == "message" && v["message"]["direction"] == "outbound" {
+                assert_eq!(v["message"]["text"], "Yes, Anne here", "{v}");
+                break;
+            }
+        }
+    }
+}
+
 /// Runs `switchboard check-config --config FILE` with `envs`; (exit code, stdout).
 fn check_config(file: &std::path::Path, envs: &[(&str, &str)]) -> (i32, String) {
     let mut cmd = command(file.parent().unwrap());
