@@ -50,24 +50,37 @@ async fn an_oversize_webhook_is_413_and_stores_nothing() {
 #[tokio::test]
 async fn malformed_and_non_utf8_bodies_are_refused() {
     let app = TestApp::start(Backend::Embedded).await;
-    for body in [b"\xff\xfe\x00garbage".to_vec(), b"%%%".to_vec()] {
-        let r = app
-            .http
-            .post(format!("{}/webhooks/sms-main", app.url))
-            .header("content-type", "application/x-www-form-urlencoded")
-            .header("x-twilio-signature", "AAAA")
-            .body(body)
-            .send()
-            .await
-            .unwrap();
-        let status = r.status().as_u16();
-        let v: Value = r.json().await.unwrap();
-        assert!(
-            (status == 400 && v["code"] == "malformed_payload")
-                || (status == 401 && v["code"] == "invalid_signature"),
-            "{status} {v}"
+    // Correctly signed, but not a Twilio form: 400 malformed_payload, exactly.
+    for body in [
+        b"\xff\xfe\x00garbage".to_vec(),
+        b"MessageSid=SM1&Body=%ff%fe".to_vec(),
+        b"Body=no+sid".to_vec(),
+    ] {
+        let req = switchboard::adapters::sms::simulate_form(&app.sms_channel(), &app.url, &body);
+        let (status, text) = app.post_simulated(req).await;
+        let v: Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(
+            (status, v["code"].as_str()),
+            (400, Some("malformed_payload")),
+            "{text}"
         );
+        assert!(v["detail"].as_str().is_some_and(|d| !d.is_empty()));
     }
+    // Unsigned garbage is refused at the signature, before it is read.
+    let r = app
+        .http
+        .post(format!("{}/webhooks/sms-main", app.url))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .header("x-twilio-signature", "AAAA")
+        .body(b"\xff\xfe".to_vec())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 401);
+    assert_eq!(
+        r.json::<Value>().await.unwrap()["code"],
+        "invalid_signature"
+    );
     let r = app
         .http
         .post(format!("{}/webhooks/sms-main", app.url))
@@ -76,7 +89,11 @@ async fn malformed_and_non_utf8_bodies_are_refused() {
         .send()
         .await
         .unwrap();
-    assert!([401, 415].contains(&r.status().as_u16()));
+    assert_eq!(
+        r.status().as_u16(),
+        401,
+        "an unsigned JSON body fails the signature first"
+    );
     assert!(app.events().await.is_empty());
     // The process is still up.
     assert_eq!(
