@@ -978,8 +978,15 @@ impl Gateway {
     {
         for _ in 0..MAX_RETRIES {
             let mut i = self.visible(actor, case).await?;
+            let before = i.clone();
             let (events, mut commit) = f(&mut i, Utc::now())?;
-            if events.is_empty() && commit.outbox_add.is_empty() && commit.claims.is_empty() {
+            // Nothing to store only when nothing changed: re-opening one's own
+            // interaction emits no event but still marks it read.
+            if events.is_empty()
+                && commit.outbox_add.is_empty()
+                && commit.claims.is_empty()
+                && i == before
+            {
                 return Ok(i);
             }
             commit.events = events;

@@ -9,6 +9,7 @@ pub mod auth;
 pub mod chat;
 pub mod ops;
 pub mod problem;
+pub mod ui;
 pub mod webhooks;
 
 use crate::gateway::Gateway;
@@ -64,6 +65,11 @@ routes! {
     "get" "/api/v1/routing/events" "service" "The routing feed: after, wait (long poll)";
     "post" "/agent/session" "none" "Sign in: {token} sets the session cookie";
     "delete" "/agent/session" "none" "Sign out";
+    "get" "/agent" "none" "Redirects to the agent's inbox at /agent/";
+    "get" "/agent/" "none" "The agent's digital inbox (HTML, embedded; signs in with POST /agent/session)";
+    "get" "/agent/app.js" "none" "The inbox's script";
+    "get" "/agent/app.css" "none" "The inbox's styles";
+    "get" "/agent/i18n.js" "none" "The inbox's English and Spanish texts";
     "get" "/chat/widget.js" "none" "The web chat widget: one script tag, no build step";
     "get" "/chat/widget.css" "none" "The web chat widget's styles";
     "get" "/chat/{channel_id}" "none" "A page with the web chat widget";
@@ -84,6 +90,7 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
     agents::configure(cfg);
     ops::configure(cfg);
     chat::configure(cfg);
+    ui::configure(cfg);
 }
 
 /// What an unknown route answers: a problem, like every other error.

@@ -1,0 +1,468 @@
+// The agent's inbox (/agent/) in a real browser (Debian's Chromium, driven by
+// playwright-core), two agents at once. Run by tests/browser_agent.rs, which
+// starts the gateway with the demo configuration and passes:
+//   SWITCHBOARD_URL   the gateway's base URL
+//   ANNE_TOKEN        anne: every queue (outbound SMS and email included), may transfer
+//   BOB_TOKEN         bob: support and sales only
+//   SWITCHBOARD_BIN   the switchboard binary, for `switchboard simulate`
+//   ARTIFACTS_DIR     where screenshots go (default target/browser-artifacts)
+//   CHROMIUM_PATH     the browser (default /usr/bin/chromium)
+import { test } from "node:test";
+import assert from "node:assert/strict";
+import { mkdirSync } from "node:fs";
+import { join } from "node:path";
+import { execFile } from "node:child_process";
+import { chromium } from "playwright-core";
+
+const base = process.env.SWITCHBOARD_URL;
+const tokens = { anne: process.env.ANNE_TOKEN, bob: process.env.BOB_TOKEN };
+const bin = process.env.SWITCHBOARD_BIN;
+const artifacts = process.env.ARTIFACTS_DIR || "target/browser-artifacts";
+const executablePath = process.env.CHROMIUM_PATH || "/usr/bin/chromium";
+const ARGS = [
+  "--headless",
+  "--no-sandbox",
+  "--disable-background-networking",
+  "--disable-gpu",
+  "--disable-quic",
+  "--no-first-run",
+  "--disable-component-update",
+  "--disable-sync",
+];
+// A 1×1 PNG.
+const PIXEL = Buffer.from(
+  "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk+M9QDwADhgGAWjR9awAAAABJRU5ErkJggg==",
+  "base64",
+);
+const T = 15000;
+
+async function api(who, method, path, body) {
+  const r = await fetch(base + path, {
+    method,
+    headers: { Authorization: `Bearer ${tokens[who]}`, "Content-Type": "application/json" },
+    body: body === undefined ? undefined : JSON.stringify(body),
+  });
+  const text = await r.text();
+  return { status: r.status, body: text ? JSON.parse(text) : null };
+}
+
+/** A customer writes, exactly as the provider would post it (signed). */
+function simulate(channel, text, from) {
+  const env = { ...process.env };
+  delete env.SWITCHBOARD_CONFIG;
+  return new Promise((resolve, reject) =>
+    execFile(bin, ["simulate", channel, "--url", base, "--text", text, "--from", from], { env }, (err, stdout, stderr) =>
+      err ? reject(new Error(`simulate failed: ${err.message}\n${stdout}\n${stderr}`)) : resolve(stdout),
+    ),
+  );
+}
+
+async function eventually(what, f, ms = T) {
+  const end = Date.now() + ms;
+  for (;;) {
+    const v = await f();
+    if (v) return v;
+    if (Date.now() > end) throw new Error(`timed out waiting for ${what}`);
+    await new Promise((r) => setTimeout(r, 100));
+  }
+}
+
+const shot = (page, name) => page.screenshot({ path: join(artifacts, name), fullPage: true });
+const rowFor = (page, text) => page.locator("#list .row", { hasText: text });
+
+async function newAgentPage(browser, locale = "en-US", viewport = { width: 1280, height: 860 }) {
+  const context = await browser.newContext({ locale, viewport });
+  const page = await context.newPage();
+  const problems = [];
+  page.on("pageerror", (e) => problems.push(`page error: ${e.message}`));
+  page.on("console", (m) => {
+    // Refused requests are expected (401 before sign-in, 409, 422); the UI shows them in words.
+    if (m.type() === "error" && !m.text().startsWith("Failed to load resource")) problems.push(`console: ${m.text()}`);
+  });
+  page.on("response", (r) => {
+    if (r.status() >= 500) problems.push(`HTTP ${r.status()} for ${r.url()}`);
+  });
+  return { context, page, problems };
+}
+
+async function signIn(page, who, labels = { token: "Your agent token", button: "Sign in" }) {
+  await page.goto(`${base}/agent/`);
+  await page.getByLabel(labels.token).fill(tokens[who]);
+  await page.getByRole("button", { name: labels.button }).click();
+  await page.locator("#who").getByText(who === "anne" ? "Anne Shirley" : "Bob Cratchit").waitFor({ timeout: T });
+}
+
+async function caseMenu(page, item) {
+  await page.locator("#case-menu-btn").click();
+  await page.getByRole("menuitem", { name: item }).click();
+}
+
+test("two agents work the digital inbox", async (t) => {
+  assert.ok(base && tokens.anne && tokens.bob && bin, "SWITCHBOARD_URL, ANNE_TOKEN, BOB_TOKEN and SWITCHBOARD_BIN are set");
+  mkdirSync(artifacts, { recursive: true });
+  const browser = await chromium.launch({ executablePath, headless: true, args: ARGS });
+  const A = await newAgentPage(browser);
+  const B = await newAgentPage(browser);
+  const anne = A.page;
+  const bob = B.page;
+  const stamp = Date.now();
+  const first = `Where is my order? ${stamp}`;
+  const customer = "+14155550111";
+  let caseA;
+  try {
+    await t.test("the page is served with a strict Content-Security-Policy", async () => {
+      const r = await fetch(`${base}/agent/`);
+      assert.equal(r.status, 200);
+      assert.match(r.headers.get("content-type"), /^text\/html/);
+      assert.match(r.headers.get("content-security-policy"), /default-src 'none'; script-src 'self'/);
+      for (const [p, ct] of [["app.js", /^text\/javascript/], ["app.css", /^text\/css/], ["i18n.js", /^text\/javascript/]]) {
+        const a = await fetch(`${base}/agent/${p}`);
+        assert.equal(a.status, 200, p);
+        assert.match(a.headers.get("content-type"), ct, p);
+      }
+    });
+
+    await t.test("sign in: a wrong token is refused in words, the right one opens the inbox", async () => {
+      await anne.goto(`${base}/agent/`);
+      await anne.getByLabel("Your agent token").fill("not-a-token");
+      await anne.getByRole("button", { name: "Sign in" }).click();
+      await anne.getByText("You are not signed in, or that token is not valid.").waitFor({ timeout: T });
+      await shot(anne, "agent-signin.png");
+      await signIn(anne, "anne");
+      await signIn(bob, "bob");
+      await anne.getByRole("heading", { name: /Digital/ }).waitFor();
+    });
+
+    await t.test("a simulated SMS appears live in both lists, in bold, with its channel, sender, preview and status", async () => {
+      await simulate("sms-main", first, customer);
+      for (const page of [anne, bob]) {
+        const row = rowFor(page, first);
+        await row.waitFor({ timeout: T });
+        assert.match(await row.getAttribute("class"), /unread/);
+        const weight = await row.locator(".preview").evaluate((el) => getComputedStyle(el).fontWeight);
+        assert.ok(Number(weight) >= 700, `unread is bold (${weight})`);
+        assert.equal(await row.locator(".ch").getAttribute("aria-label"), "SMS +1 415 555 0100");
+        assert.match(await row.innerText(), /\+14155550111/);
+        assert.match(await row.innerText(), /New/);
+        assert.ok(await row.locator("time").getAttribute("datetime"));
+      }
+      await shot(anne, "agent-list-live.png");
+    });
+
+    await t.test("the agent who clicks gets it; it leaves the other agent's list", async () => {
+      const row = rowFor(bob, first);
+      caseA = Number(await row.getAttribute("data-case"));
+      await row.click();
+      await bob.locator("#messages").getByText(first).waitFor({ timeout: T });
+      assert.equal(await bob.locator("#thread-title").innerText(), `Case ${caseA}`);
+      await rowFor(anne, first).waitFor({ state: "detached", timeout: T });
+      const i = await api("bob", "GET", `/api/v1/interactions/${caseA}`);
+      assert.equal(i.body.assigned_to, "bob");
+      const taken = await api("anne", "POST", `/api/v1/interactions/${caseA}/assign`, {});
+      assert.equal(taken.body.code, "already_assigned");
+    });
+
+    await t.test("reply with an attachment: limits shown, 10 MiB checked before upload, delivered, resolved", async () => {
+      await bob.getByText("0 / 1600 characters").waitFor();
+      const box = bob.getByLabel("Reply", { exact: true });
+      await box.fill("It ships today");
+      await bob.getByText("14 / 1600 characters").waitFor();
+      await bob.getByText("SMS: GSM-7, 1 segment(s)").waitFor({ timeout: T });
+      await bob.getByRole("button", { name: "Emoji" }).click();
+      await bob.getByRole("button", { name: "Insert 🚚" }).click();
+      await bob.getByText("SMS: UCS-2, 1 segment(s)").waitFor({ timeout: T });
+      // Too large for the channel (and never sent): refused before any upload.
+      await bob.setInputFiles("#files", { name: "huge.png", mimeType: "image/png", buffer: Buffer.alloc(11 * 1024 * 1024) });
+      await bob.getByText(/huge\.png is larger than .*; it was not added\./).waitFor();
+      assert.equal(await bob.locator("#file-list li").count(), 0);
+      await bob.setInputFiles("#files", { name: "pixel.png", mimeType: "image/png", buffer: PIXEL });
+      await bob.locator("#file-list").getByText("pixel.png").waitFor();
+      await bob.getByRole("button", { name: "Send", exact: true }).click();
+      const out = bob.locator("#messages .msg.out");
+      await out.getByText("It ships today🚚").waitFor({ timeout: T });
+      const img = out.getByRole("img", { name: "pixel.png" });
+      await img.waitFor();
+      await eventually("the image preview to load", () => img.evaluate((el) => el.complete && el.naturalWidth === 1));
+      await out.getByText("Delivered").waitFor({ timeout: T });
+      assert.equal(await bob.locator("#thread-status").innerText(), "Resolved");
+      await shot(bob, "agent-thread-reply.png");
+      const i = await api("bob", "GET", `/api/v1/interactions/${caseA}`);
+      assert.equal(i.body.status, "resolved");
+      assert.equal(i.body.messages[1].attachments[0].filename, "pixel.png");
+    });
+
+    await t.test("contact details: related case editable, private notes saved", async () => {
+      await caseMenu(bob, "Contact details");
+      const pane = bob.locator("#contact-pane");
+      await pane.waitFor();
+      assert.equal(await pane.locator("#c-case").innerText(), String(caseA));
+      assert.equal(await pane.locator("#c-digital").innerText(), customer);
+      await pane.getByLabel("Related case").fill("CRM-7");
+      await pane.getByRole("button", { name: "Save", exact: true }).click();
+      await bob.getByText("Related case saved.").waitFor();
+      await pane.getByLabel("My private notes").fill("Bob: prefers mornings");
+      await pane.getByRole("button", { name: "Save notes" }).click();
+      await bob.getByText("Notes saved.").waitFor();
+      await shot(bob, "agent-contact.png");
+      const c = await api("bob", "GET", `/api/v1/interactions/${caseA}/contact`);
+      assert.equal(c.body.related_case, "CRM-7");
+      assert.equal(c.body.notes, "Bob: prefers mornings");
+    });
+
+    await t.test("End with a disposition: it leaves the list", async () => {
+      await caseMenu(bob, "End…");
+      const d = bob.locator("#end-dialog");
+      assert.equal(await d.locator("#end-case").innerText(), String(caseA));
+      assert.equal(await d.getByLabel("Related case").inputValue(), "CRM-7");
+      await d.getByLabel("Name it relates to").fill("ACME Ltd");
+      await d.getByLabel("My private notes").fill("Bob: call back on Friday");
+      await shot(bob, "agent-end.png");
+      await d.getByRole("button", { name: "Save" }).click();
+      await bob.getByText(`Interaction ${caseA} ended.`).waitFor();
+      assert.ok(await bob.locator("#thread-pane").isHidden());
+      assert.equal(await rowFor(bob, first).count(), 0);
+      const i = await api("bob", "GET", `/api/v1/interactions/${caseA}`);
+      assert.equal(i.body.assigned_to, null);
+      assert.equal(i.body.disposition.related_name, "ACME Ltd");
+      assert.equal(i.body.disposition.related_case, "CRM-7");
+    });
+
+    const second = `Any news? ${stamp}`;
+    await t.test("the customer writes again: back in both lists as Open; the other agent takes it with the keyboard", async () => {
+      await simulate("sms-main", second, customer);
+      await rowFor(bob, second).waitFor({ timeout: T });
+      const row = rowFor(anne, second);
+      await row.waitFor({ timeout: T });
+      assert.match(await row.innerText(), /Open/);
+      await row.focus();
+      await anne.keyboard.press("Enter");
+      await anne.locator("#messages").getByText(second).waitFor({ timeout: T });
+      await rowFor(bob, second).waitFor({ state: "detached", timeout: T });
+    });
+
+    await t.test("private notes are not visible to the other agent", async () => {
+      await caseMenu(anne, "Contact details");
+      const pane = anne.locator("#contact-pane");
+      await pane.waitFor();
+      assert.equal(await pane.getByLabel("My private notes").inputValue(), "", "anne does not see bob's notes");
+      await pane.getByLabel("My private notes").fill("Anne: VIP customer");
+      await pane.getByRole("button", { name: "Save notes" }).click();
+      await anne.getByText("Notes saved.").waitFor();
+      const mine = await api("anne", "GET", `/api/v1/interactions/${caseA}/contact`);
+      assert.equal(mine.body.notes, "Anne: VIP customer");
+      const bobs = await api("bob", "GET", `/api/v1/interactions/${caseA}/contact`);
+      assert.equal(bobs.body.notes, "Bob: call back on Friday", "bob keeps his own (the disposition's) notes");
+      await pane.getByRole("button", { name: "Close" }).click();
+    });
+
+    await t.test("set as resolved from the case number menu", async () => {
+      await caseMenu(anne, "Set as resolved");
+      await anne.getByText("Set as resolved.").waitFor();
+      await eventually("Resolved", async () => (await anne.locator("#thread-status").innerText()) === "Resolved");
+      const i = await api("anne", "GET", `/api/v1/interactions/${caseA}`);
+      assert.equal(i.body.status, "resolved");
+      assert.equal(i.body.messages.length, 3, "nothing was sent");
+    });
+
+    await t.test("transfer to a digital queue: it leaves anne and appears live for bob", async () => {
+      await caseMenu(anne, "Transfer…");
+      const d = anne.locator("#transfer-dialog");
+      const options = await d.locator("option").allInnerTexts();
+      assert.deepEqual(options, ["Sales", "Tea time"], "only the other digital queues");
+      await d.getByLabel("Queue").selectOption("sales");
+      await d.getByRole("button", { name: "Transfer" }).click();
+      await anne.getByText(`Interaction ${caseA} transferred to Sales.`).waitFor();
+      assert.ok(await anne.locator("#thread-pane").isHidden());
+      await rowFor(bob, second).waitFor({ timeout: T });
+      const i = await api("anne", "GET", `/api/v1/interactions/${caseA}`);
+      assert.equal(i.body.queue, "sales");
+      assert.equal(i.body.assigned_to, null);
+      assert.equal(i.body.transfer_count, 1);
+    });
+
+    await t.test("switch between own interactions; the badge counts unread ones", async () => {
+      await rowFor(bob, second).click();
+      await bob.locator("#messages").getByText(second).waitFor({ timeout: T });
+      const other = `Hello, I need help ${stamp}`;
+      await simulate("sms-main", other, "+14155550122");
+      await rowFor(bob, other).click();
+      await bob.locator("#messages").getByText(other).waitFor({ timeout: T });
+      assert.ok(await bob.locator("#mine-badge").isHidden());
+      // The first customer writes while bob looks at the other one.
+      const third = `Still there? ${stamp}`;
+      await simulate("sms-main", third, customer);
+      await eventually("the badge", async () => (await bob.locator("#mine-badge").isVisible()) && (await bob.locator("#mine-badge").innerText()) === "1");
+      await bob.getByRole("button", { name: /My interactions/ }).click();
+      const d = bob.locator("#mine-dialog");
+      assert.equal(await d.locator(".row").count(), 2);
+      const target = d.locator(`.row[data-case="${caseA}"]`);
+      assert.match(await target.getAttribute("class"), /unread/);
+      await shot(bob, "agent-switch.png");
+      await target.click();
+      await bob.locator("#messages").getByText(third).waitFor({ timeout: T });
+      assert.equal(await bob.locator("#thread-title").innerText(), `Case ${caseA}`);
+      await eventually("the badge to clear", () => bob.locator("#mine-badge").isHidden());
+      await bob.getByRole("button", { name: /Principal/ }).click();
+      assert.ok(await bob.locator("#thread-pane").isHidden());
+    });
+
+    await t.test("filter by several tags and sort by received, channel or priority", async () => {
+      const sms = `Tagged SMS ${stamp}`;
+      const wa = `Tagged WhatsApp ${stamp}`;
+      await simulate("sms-main", sms, "+14155550133");
+      await rowFor(anne, sms).waitFor({ timeout: T });
+      await simulate("wa-main", wa, "15551230001");
+      await rowFor(anne, wa).waitFor({ timeout: T });
+      const order = async () => (await anne.locator("#list .row .preview").allInnerTexts()).filter((x) => x.endsWith(String(stamp)));
+      assert.deepEqual(await order(), [wa, sms], "newest first by default");
+      const smsCase = Number(await rowFor(anne, sms).getAttribute("data-case"));
+      const waCase = Number(await rowFor(anne, wa).getAttribute("data-case"));
+      let r = await api("anne", "PATCH", `/api/v1/interactions/${smsCase}`, { tags: ["vip"], priority: 5 });
+      assert.equal(r.status, 200, JSON.stringify(r.body));
+      r = await api("anne", "PATCH", `/api/v1/interactions/${waCase}`, { tags: ["billing"] });
+      assert.equal(r.status, 200, JSON.stringify(r.body));
+      // The tags in use appear live, and on the rows.
+      const tags = anne.getByRole("group", { name: "Tags" });
+      await tags.getByLabel("billing").waitFor({ timeout: T });
+      await tags.getByLabel("vip").waitFor({ timeout: T });
+      await rowFor(anne, wa).locator(".tag", { hasText: "billing" }).waitFor({ timeout: T });
+      await anne.getByLabel("Sort by").selectOption("channel");
+      await eventually("channel order", async () => JSON.stringify(await order()) === JSON.stringify([sms, wa]));
+      await anne.getByLabel("Sort by").selectOption("received");
+      await eventually("received order", async () => JSON.stringify(await order()) === JSON.stringify([wa, sms]));
+      await anne.getByLabel("Sort by").selectOption("priority");
+      await eventually("priority order", async () => (await anne.locator("#list .row").first().innerText()).includes(sms));
+      await anne.getByLabel("Sort by").selectOption("received");
+      await tags.getByLabel("billing").check();
+      await eventually("only billing", async () => JSON.stringify(await order()) === JSON.stringify([wa]));
+      await tags.getByLabel("vip").check();
+      await eventually("billing or vip", async () => JSON.stringify(await order()) === JSON.stringify([wa, sms]));
+      await shot(anne, "agent-tags.png");
+      await tags.getByLabel("billing").uncheck();
+      await eventually("only vip", async () => JSON.stringify(await order()) === JSON.stringify([sms]));
+      await tags.getByLabel("vip").uncheck();
+      await eventually("all again", async () => (await order()).length === 2);
+    });
+
+    await t.test("the messaging window and the channel's limits are shown (WhatsApp)", async () => {
+      await rowFor(anne, `Tagged WhatsApp ${stamp}`).click();
+      await anne.locator("#messages").getByText(`Tagged WhatsApp ${stamp}`).waitFor({ timeout: T });
+      await anne.getByText(/^Messaging window open until .+\.$/).waitFor();
+      await anne.getByText(/^0 \/ 4096 characters$/).waitFor();
+      assert.equal(await anne.locator("#sms-info").innerText(), "", "no SMS segments outside SMS");
+      await anne.getByRole("button", { name: /Principal/ }).click();
+    });
+
+    await t.test("an API refusal is shown in words (SMS opt-out)", async () => {
+      const sms = `Tagged SMS ${stamp}`;
+      await simulate("sms-main", "STOP", "+14155550133");
+      await rowFor(anne, "STOP").click();
+      await anne.locator("#messages").getByText(sms).waitFor({ timeout: T });
+      await anne.getByLabel("Reply", { exact: true }).fill("Are you sure?");
+      await anne.getByRole("button", { name: "Send", exact: true }).click();
+      const alert = anne.locator("#error");
+      await alert.getByText("This contact has opted out of SMS (they sent STOP); they must send START first.").waitFor({ timeout: T });
+      assert.doesNotMatch(await alert.innerText(), /opted_out/, "never the raw code");
+      await alert.getByRole("button", { name: "Close" }).click();
+      await anne.getByRole("button", { name: /Principal/ }).click();
+    });
+
+    await t.test("New → SMS is offered only to anne, and sends", async () => {
+      assert.equal(await bob.getByRole("button", { name: "New", exact: true }).count(), 0, "bob has no outbound queue");
+      await anne.getByRole("button", { name: "New", exact: true }).click();
+      await anne.getByRole("menuitem", { name: "SMS" }).click();
+      const d = anne.locator("#out-dialog");
+      await d.getByRole("heading", { name: "New SMS" }).waitFor();
+      assert.equal(await d.getByLabel("Sending channel").inputValue(), "sms-main");
+      await d.getByLabel(/Mobile number/).fill("+14155550177");
+      await d.getByRole("textbox", { name: "Message" }).fill("Your parcel is ready");
+      await d.getByText("SMS: GSM-7, 1 segment(s)").waitFor({ timeout: T });
+      await d.getByRole("button", { name: "Next" }).click();
+      await d.getByLabel("Name", { exact: true }).fill("Marilla Cuthbert");
+      await d.getByLabel("My private notes").fill("Anne: outbound");
+      await d.getByRole("button", { name: "Save and send" }).click();
+      const out = anne.locator("#messages .msg.out");
+      await out.getByText("Your parcel is ready").waitFor({ timeout: T });
+      await out.getByText("Delivered").waitFor({ timeout: T });
+      assert.match(await anne.locator("#thread-who").innerText(), /Marilla Cuthbert/);
+      await shot(anne, "agent-outbound-sms.png");
+    });
+
+    await t.test("New → Email is offered to anne; without an email channel the form says so", async () => {
+      const channels = (await api("anne", "GET", "/api/v1/channels")).body.items;
+      const email = channels.find((c) => c.kind === "email");
+      await anne.getByRole("button", { name: "New", exact: true }).click();
+      await anne.getByRole("menuitem", { name: "Email" }).click();
+      const d = anne.locator("#out-dialog");
+      await d.getByRole("heading", { name: "New email" }).waitFor();
+      await d.getByLabel("Recipient email address").fill("kerry@example.com");
+      await d.getByLabel("Subject").fill("Your order");
+      await d.getByRole("textbox", { name: "Message" }).click();
+      await anne.keyboard.type("Hello ");
+      await d.getByRole("button", { name: "Bold" }).click();
+      await anne.keyboard.type("Kerry");
+      await d.getByRole("button", { name: "Next" }).click();
+      await d.getByRole("button", { name: "Save and send" }).click();
+      if (email) {
+        await anne.locator("#messages .msg.out").getByText("Hello Kerry").waitFor({ timeout: T });
+      } else {
+        await d.getByText("No email channel is set up yet; ask an administrator to add one.").waitFor();
+        await d.getByText("Please check the sending channel.").waitFor({ timeout: T });
+        await shot(anne, "agent-outbound-email.png");
+        await d.getByRole("button", { name: "Cancel" }).click();
+      }
+    });
+
+    await t.test("the language switch", async () => {
+      await anne.getByRole("combobox", { name: "Language" }).selectOption("es");
+      await anne.getByRole("button", { name: "Cerrar sesión" }).waitFor();
+      await anne.getByRole("button", { name: /Mis interacciones/ }).waitFor();
+      await anne.getByRole("combobox", { name: "Idioma" }).selectOption("en");
+      await anne.getByRole("button", { name: "Sign out" }).waitFor();
+    });
+
+    await t.test("the Spanish interface from the browser's language", async () => {
+      const E = await newAgentPage(browser, "es-ES");
+      try {
+        const page = E.page;
+        await page.goto(`${base}/agent/`);
+        await page.getByLabel("Tu token de agente").fill("no-vale");
+        await page.getByRole("button", { name: "Iniciar sesión" }).click();
+        await page.getByText("No has iniciado sesión o ese token no es válido.").waitFor({ timeout: T });
+        await signIn(page, "bob", { token: "Tu token de agente", button: "Iniciar sesión" });
+        await page.getByRole("button", { name: /Mis interacciones/ }).waitFor();
+        await page.getByLabel("Ordenar por").waitFor();
+        await page.getByRole("button", { name: "Cerrar sesión" }).waitFor();
+        assert.equal(await page.evaluate(() => document.documentElement.lang), "es");
+        await shot(page, "agent-es.png");
+        assert.deepEqual(E.problems, []);
+      } finally {
+        await E.context.close();
+      }
+    });
+
+    await t.test("readable on a phone", async () => {
+      await bob.setViewportSize({ width: 390, height: 844 });
+      await rowFor(bob, `Hello, I need help ${stamp}`).waitFor({ timeout: T }).catch(() => {});
+      await bob.locator(`#list .row`).first().click();
+      await bob.getByRole("button", { name: "Back" }).waitFor();
+      assert.ok(await bob.locator("#list-pane").isHidden(), "one pane at a time");
+      const overflow = await bob.evaluate(() => document.documentElement.scrollWidth > window.innerWidth + 1);
+      assert.equal(overflow, false, "no horizontal scrolling");
+      await shot(bob, "agent-phone.png");
+      await bob.getByRole("button", { name: "Back" }).click();
+      await bob.locator("#list-pane").waitFor();
+    });
+
+    await t.test("sign out", async () => {
+      await anne.getByRole("button", { name: "Sign out" }).click();
+      await anne.getByLabel("Your agent token").waitFor();
+      await anne.reload();
+      await anne.getByLabel("Your agent token").waitFor();
+      assert.deepEqual(A.problems, []);
+      assert.deepEqual(B.problems, []);
+    });
+  } finally {
+    await browser.close();
+  }
+});
