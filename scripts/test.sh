@@ -41,6 +41,10 @@ npm ci --prefix tests/browser --no-audit --no-fund --loglevel=error
 
 export SWITCHBOARD_TEST_REDIS_URL="${SWITCHBOARD_TEST_REDIS_URL:-redis://127.0.0.1:6379/0}"
 
+# Email: Dovecot (IMAP) from Debian and an aiosmtpd SMTP server in a venv; the
+# tests start their own instances on free ports.
+bash scripts/email-servers.sh
+
 cargo fmt --check
 cargo clippy --all-targets -- -D warnings
 cargo test --all-targets

@@ -157,7 +157,19 @@ pub fn build_channels(
                     resolver: Some(adapter),
                 }
             }
-            other => anyhow::bail!("channel {}: {other} channels are not supported yet", c.id),
+            ChannelKind::Email => {
+                let adapter = Arc::new(
+                    crate::adapters::email::EmailChannel::new(c).map_err(anyhow::Error::msg)?,
+                );
+                ChannelRuntime {
+                    config: c.clone(),
+                    manifest: m,
+                    intake: adapter.clone(),
+                    outbound: adapter,
+                    media: MediaClient::new(c, m, crate::adapters::media::Credentials::None),
+                    resolver: None,
+                }
+            }
         };
         out.insert(c.id.clone(), Arc::new(runtime));
     }

@@ -362,6 +362,14 @@ impl Gateway {
             Some(pid) => self.find_message(channel_id, pid).await?,
             None => None,
         };
+        // Email: the thread decides (In-Reply-To, References, our reply token).
+        let mut thread = None;
+        for pid in &m.thread_refs {
+            if let Some((case, _)) = self.find_message(channel_id, pid).await? {
+                thread = Some(case);
+                break;
+            }
+        }
         for _ in 0..MAX_RETRIES {
             let now = Utc::now();
             let mut contact = self
@@ -394,17 +402,46 @@ impl Gateway {
                 Some(Consent::OptIn) => contact.opted_out = false,
                 None => {}
             }
-            let existing = match contact.latest.get(channel_id) {
-                Some(case) => self.store.interaction(*case).await?,
-                None => None,
+            let existing = match (thread, m.new_thread) {
+                // Someone else's thread never takes this sender in: their own interaction.
+                (Some(case), _) => self
+                    .store
+                    .interaction(case)
+                    .await?
+                    .filter(|i| i.contact_id == contact.id),
+                // For email, a new thread is a new interaction.
+                (None, true) => None,
+                (None, false) => match contact.latest.get(channel_id) {
+                    Some(case) => self.store.interaction(*case).await?,
+                    None => None,
+                },
             };
+            // An auto-reply (out of office) never opens or reopens an interaction.
+            if m.automatic {
+                let open = existing.as_ref().is_some_and(|i| {
+                    !i.is_closed_for_new_messages(now, self.new_interaction_after()) && i.in_queue
+                });
+                if !open {
+                    let commit = Commit {
+                        claims: vec![Claim {
+                            key: claim_key.clone(),
+                            value: "auto-reply".into(),
+                        }],
+                        ..Commit::default()
+                    };
+                    if let Some(stored) = self.try_commit(commit).await? {
+                        return Ok(stored);
+                    }
+                    continue;
+                }
+            }
             let (mut interaction, created) = match existing {
                 Some(i) if !i.is_closed_for_new_messages(now, self.new_interaction_after()) => {
                     (i, false)
                 }
                 _ => {
                     let case_number = self.store.next_case_number().await?;
-                    let i = Interaction::new(NewInteraction {
+                    let mut i = Interaction::new(NewInteraction {
                         case_number,
                         channel_id: channel_id.clone(),
                         channel_kind: kind,
@@ -414,6 +451,7 @@ impl Gateway {
                         queue: ch.config.queue.clone(),
                         now,
                     });
+                    i.subject = m.subject.clone();
                     contact.cases.push(case_number);
                     contact.latest.insert(channel_id.clone(), case_number);
                     (i, true)

@@ -144,6 +144,19 @@ async fn deliver(g: &Arc<Gateway>, job: OutboxJob) -> Result<Outcome, StoreError
     let out = OutgoingMessage {
         reply_to,
         tag,
+        subject: i.subject.clone(),
+        in_reply_to: i
+            .messages
+            .iter()
+            .rev()
+            .find(|m| m.direction == Direction::Inbound)
+            .and_then(|m| m.provider_id.clone()),
+        references: i
+            .messages
+            .iter()
+            .filter(|m| m.id != msg.id)
+            .filter_map(|m| m.provider_id.clone())
+            .collect(),
         id: msg.id.clone(),
         to: i.digital_id.clone(),
         text: msg.text.clone(),

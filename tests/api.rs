@@ -269,7 +269,13 @@ async fn a_customer_reply_after_resolution_reopens_the_interaction(b: Backend) {
     let (_, me) = app.get(ANNE, "/api/v1/me").await;
     assert_eq!(me["unread"], 1);
     // Opening it again (assign to oneself) marks it read.
-    let (s, v) = app.post(ANNE, &format!("/api/v1/interactions/{case}/assign"), json!({})).await;
+    let (s, v) = app
+        .post(
+            ANNE,
+            &format!("/api/v1/interactions/{case}/assign"),
+            json!({}),
+        )
+        .await;
     assert_eq!((s, v["unread"].clone()), (200, json!(false)), "{v}");
     let (_, me) = app.get(ANNE, "/api/v1/me").await;
     assert_eq!(me["unread"], 0);

@@ -55,6 +55,7 @@ fn text(body: &str) -> OutgoingMessage {
         attachments: vec![],
         reply_to: None,
         tag: None,
+        ..OutgoingMessage::default()
     }
 }
 

@@ -5,7 +5,7 @@
 //! | sms | [`sms`] | Twilio form webhooks, status callbacks, MMS media | `Messages.json` with `MediaUrl` | `X-Twilio-Signature` (HMAC-SHA1) |
 //! | whatsapp | [`whatsapp`] | Cloud API webhooks: messages, statuses, reactions, media by ID | `/{phone_number_id}/messages`, media upload | `X-Hub-Signature-256` |
 //! | facebook, instagram | [`messenger`] | Messenger Platform `messaging[]`: messages, echoes, reactions, watermarks | `/{page or account id}/messages` | `X-Hub-Signature-256` |
-//! | email | (next) | IMAP polling, raw RFC 5322 over HTTP | SMTP | Standard Webhooks |
+//! | email | [`email`] | IMAP polling, raw RFC 5322 over HTTP | SMTP | Standard Webhooks |
 //! | twitter | [`twitter`] | Account Activity webhooks: DMs, echoes, typing, read, revoke | X API v2 DMs, chunked media upload, token refresh | `x-twitter-webhooks-signature` |
 //! | chat | [`chat`] | our widget over WebSocket or HTTP (`/chat/...`) | the store's event stream to the visitor's socket | session token |
 //!
@@ -16,6 +16,7 @@
 //! network; only `send` and media downloads touch it.
 
 pub mod chat;
+pub mod email;
 pub mod media;
 pub mod messenger;
 pub mod meta;
@@ -127,6 +128,20 @@ pub struct InboundMessage {
     pub sent_at: DateTime<Utc>,
     pub media: Vec<MediaRef>,
     pub consent: Option<Consent>,
+    /// Email: the subject.
+    pub subject: Option<String>,
+    /// Email: the sanitized HTML alternative, when there was one.
+    pub html: Option<String>,
+    /// Email: provider IDs (Message-IDs) of the thread this message answers,
+    /// best first (In-Reply-To, References newest first, our reply token's
+    /// Message-ID). The message joins the interaction of the first one the
+    /// store knows, when it belongs to the same contact.
+    pub thread_refs: Vec<String>,
+    /// Email: the message starts a new thread (no In-Reply-To, no
+    /// References): it opens a new interaction.
+    pub new_thread: bool,
+    /// Email: an auto-reply; it never reopens an interaction.
+    pub automatic: bool,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -242,6 +257,12 @@ pub struct OutgoingMessage {
     pub reply_to: Option<String>,
     /// A message tag that extends the window (`HUMAN_AGENT`), when needed.
     pub tag: Option<String>,
+    /// Email: the interaction's subject.
+    pub subject: Option<String>,
+    /// Email: the provider ID (Message-ID) of the latest customer message.
+    pub in_reply_to: Option<String>,
+    /// Email: every Message-ID of the thread, oldest first.
+    pub references: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Default)]

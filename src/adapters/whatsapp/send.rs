@@ -297,6 +297,7 @@ mod tests {
             attachments,
             reply_to: None,
             tag: None,
+            ..OutgoingMessage::default()
         }
     }
 

@@ -1,0 +1,25 @@
+"""An independent parser for what the SMTP server received: Python's email
+package prints the headers and parts of one message as JSON."""
+import email, email.policy, json, sys
+
+msg = email.message_from_binary_file(open(sys.argv[1], "rb"), policy=email.policy.default)
+parts = []
+for p in msg.walk():
+    if p.is_multipart():
+        continue
+    entry = {"content_type": p.get_content_type(), "filename": p.get_filename()}
+    if p.get_content_maintype() == "text":
+        entry["text"] = p.get_content()
+    else:
+        entry["size"] = len(p.get_payload(decode=True) or b"")
+    parts.append(entry)
+print(json.dumps({
+    "from": str(msg["From"]),
+    "to": str(msg["To"]),
+    "reply_to": str(msg["Reply-To"]),
+    "subject": str(msg["Subject"]),
+    "message_id": str(msg["Message-ID"]),
+    "in_reply_to": msg["In-Reply-To"] and str(msg["In-Reply-To"]),
+    "references": msg["References"] and str(msg["References"]),
+    "parts": parts,
+}))
