@@ -13,6 +13,8 @@
 #   sms          POST /webhooks/sms-main, closed loop, $BENCH_CONCURRENCY connections
 #   sms@RATE     POST /webhooks/sms-main, open loop at $BENCH_RATE requests/s
 #   healthz@RATE GET /healthz, open loop at $BENCH_RATE requests/s
+#   sms-retry    one webhook over and over (a provider's retries), closed loop:
+#                the cost of everything before the store write
 # each for $BENCH_SECONDS seconds, and prints one JSON line per run plus a table.
 # Before the embedded store's runs, `loadgen --mode fsync` measures the disk
 # itself (8 KiB write + fdatasync, back to back, in the same directory): the
@@ -218,6 +220,10 @@ for store in $STORES; do
   loadgen "$store" --mode sms --name sms --concurrency "$CONCURRENCY" --config "$config"
   loadgen "$store" --mode sms --name "sms@$RATE" --rate "$RATE" --config "$config"
   loadgen "$store" --mode healthz --name "healthz@$RATE" --rate "$RATE"
+  # Diagnostic: the same webhook again and again (a provider's retries) stops
+  # at the dedupe check: HTTP, signature, parsing and one store read, no write.
+  loadgen "$store" --mode sms --name sms-retry --same-sid --concurrency "$CONCURRENCY" \
+    --config "$config"
   if [ -s "$WORK/server.err" ]; then
     echo "-- gateway stderr ($store), last lines:" >&2
     tail -n 5 "$WORK/server.err" >&2

@@ -7,7 +7,10 @@
 //! * `--mode sms`: signed Twilio webhooks `POST /webhooks/{channel}`, each with
 //!   a distinct `MessageSid`, from a few thousand distinct senders. They are
 //!   built and signed before the clock starts (`simulate_inbound`), so signing
-//!   is not in the measured path.
+//!   is not in the measured path. With `--same-sid` every copy is the same
+//!   webhook (a provider's retry), which stops at the dedupe check.
+//! * `--mode fsync`: no HTTP; 8 KiB writes each made durable with `fdatasync`
+//!   in `--dir`, the floor under a durable commit on this disk.
 //!
 //! Two ways to load:
 //! * `--concurrency N`: closed loop, N connections each sending its next
@@ -133,11 +136,15 @@ struct Source {
     client: Client,
     healthz: reqwest::Url,
     prebuilt: Vec<Mutex<Option<Request>>>,
+    /// `--same-sid`: the one webhook, copied for every send.
+    template: Option<Request>,
 }
 
 impl Source {
     fn take(&self, i: usize) -> Option<Request> {
-        if self.prebuilt.is_empty() {
+        if let Some(t) = &self.template {
+            t.try_clone()
+        } else if self.prebuilt.is_empty() {
             self.client.get(self.healthz.clone()).build().ok()
         } else {
             self.prebuilt.get(i).and_then(|slot| slot.lock().take())
@@ -479,8 +486,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         .timeout(Duration::from_secs_f64(cli.timeout))
         .build()?;
     let measured = match (cli.concurrency, cli.rate) {
-        // Healthz requests are made as they go: only the duration bounds them.
-        (Some(_), _) if cli.mode == Mode::Healthz => usize::MAX - cli.warmup,
+        // Requests made as they go: only the duration bounds them.
+        (Some(_), _) if cli.mode == Mode::Healthz || cli.same_sid => usize::MAX - cli.warmup,
         (Some(_), _) => cli.max_requests,
         (None, Some(rate)) => (rate as f64 * cli.duration).round() as usize,
         (None, None) => bail!("give --concurrency or --rate"),
@@ -489,8 +496,15 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         bail!("nothing to send");
     }
     let total = cli.warmup + measured;
+    let mut template = None;
     let prebuilt = match cli.mode {
         Mode::Healthz | Mode::Fsync => vec![],
+        Mode::Sms if cli.same_sid => {
+            template = build_sms(&cli, &base, &client, 1)?
+                .pop()
+                .and_then(|slot| slot.into_inner());
+            vec![]
+        }
         Mode::Sms => {
             let t = Instant::now();
             let v = build_sms(&cli, &base, &client, total)?;
@@ -505,6 +519,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         client: client.clone(),
         healthz: format!("{base}/healthz").parse()?,
         prebuilt,
+        template,
     });
     let next = Arc::new(AtomicUsize::new(0));
 
