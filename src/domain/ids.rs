@@ -72,20 +72,33 @@ pub struct PhoneNumber(String);
 #[error("not a valid phone number in international form: {0}")]
 pub struct InvalidPhoneNumber(pub String);
 
+/// Numbers seen recently, as written → their E.164 form (`None`: invalid).
+/// libphonenumber's metadata regexes cost tens of microseconds a number, and
+/// the same customers write again and again, so every webhook after a
+/// number's first pays a hash lookup instead. Bounded, so it cannot grow
+/// without limit whatever is sent.
+static PHONE_CACHE: std::sync::LazyLock<quick_cache::sync::Cache<String, Option<String>>> =
+    std::sync::LazyLock::new(|| quick_cache::sync::Cache::new(100_000));
+
 impl PhoneNumber {
     pub fn parse(raw: &str) -> Result<PhoneNumber, InvalidPhoneNumber> {
         let trimmed = raw.trim();
         if !trimmed.starts_with('+') {
             return Err(InvalidPhoneNumber(raw.to_string()));
         }
-        let parsed =
-            phonenumber::parse(None, trimmed).map_err(|_| InvalidPhoneNumber(raw.to_string()))?;
-        if !phonenumber::is_valid(&parsed) {
-            return Err(InvalidPhoneNumber(raw.to_string()));
-        }
-        Ok(PhoneNumber(
-            parsed.format().mode(phonenumber::Mode::E164).to_string(),
-        ))
+        let e164 = match PHONE_CACHE.get(trimmed) {
+            Some(known) => known,
+            None => {
+                let e164 = phonenumber::parse(None, trimmed)
+                    .ok()
+                    .filter(phonenumber::is_valid)
+                    .map(|p| p.format().mode(phonenumber::Mode::E164).to_string());
+                PHONE_CACHE.insert(trimmed.to_string(), e164.clone());
+                e164
+            }
+        };
+        e164.map(PhoneNumber)
+            .ok_or_else(|| InvalidPhoneNumber(raw.to_string()))
     }
 
     pub fn as_str(&self) -> &str {
@@ -208,6 +221,12 @@ mod tests {
             "+14158675309"
         );
         assert!(PhoneNumber::parse("4158675309").is_err());
+        assert!(PhoneNumber::parse("+1 123").is_err());
+        // A second look is answered from the cache, with the same answers.
+        assert_eq!(
+            PhoneNumber::parse(" +1 (415) 867-5309 ").unwrap().as_str(),
+            "+14158675309"
+        );
         assert!(PhoneNumber::parse("+1 123").is_err());
     }
 

@@ -1,20 +1,30 @@
 //! The embedded store: one node, no server to install.
 //!
 //! Engine: [redb](https://docs.rs/redb), a pure-Rust, ACID, copy-on-write
-//! B-tree store that fsyncs on every commit (`Durability::Immediate`) and
-//! survives `kill -9`. It is well kept, has no C dependency and needs no
-//! compaction thread, which suits a gateway that must start with one command.
+//! B-tree store that survives `kill -9`. It is well kept, has no C dependency
+//! and needs no compaction thread, which suits a gateway that must start with
+//! one command.
 //!
 //! Layout: all state is mirrored in memory (reads never touch disk, except
 //! attachments). Changes are validated and applied to the mirror under one
-//! mutex, then handed to a single writer thread that **group-commits**: it
-//! drains every pending change into one redb transaction and fsyncs once, so
-//! a burst of webhooks costs one fsync, not one each. A caller's future
-//! resolves only after its change is durable; only then is its webhook
-//! acknowledged and are its events published.
+//! mutex, then handed to a single writer thread that **group-commits** to a
+//! write-ahead log ([`wal`]): it drains every pending change into one frame,
+//! appends it to a preallocated segment and `fdatasync`s once, so a burst of
+//! webhooks costs one small write and one flush, not a B-tree commit each. A
+//! caller's future resolves only after its frame is durable; only then is its
+//! webhook acknowledged and are its events published.
+//!
+//! A checkpointer thread folds the log into redb in the background: every
+//! second or so (when a segment is closed) it writes the latest value of each
+//! key touched since the last checkpoint in one redb transaction, records the
+//! segment it covered, and hands the segment back to be reused. A restart
+//! replays the segments newer than the last checkpoint. An interaction is
+//! stored as a header plus one record per message, and a commit writes only
+//! the messages that changed, so a new message costs the same however long
+//! the conversation is.
 
 use super::{Commit, OutboxJob, OutboxRecord, Store, StoreError, StoreResult};
-use crate::domain::{parse_event_id, Contact, Event, Interaction};
+use crate::domain::{parse_event_id, Contact, Event, Interaction, Message};
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use parking_lot::Mutex;
@@ -24,8 +34,12 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::{broadcast, mpsc, oneshot};
+use wal::{Op, Wal};
+
+mod wal;
 
 const INTERACTIONS: TableDefinition<u64, &[u8]> = TableDefinition::new("interactions");
+const MESSAGES: TableDefinition<(u64, u32), &[u8]> = TableDefinition::new("messages");
 const CONTACTS: TableDefinition<&str, &[u8]> = TableDefinition::new("contacts");
 const CLAIMS: TableDefinition<&str, &str> = TableDefinition::new("claims");
 const EVENTS: TableDefinition<(u64, u64), &[u8]> = TableDefinition::new("events");
@@ -33,21 +47,12 @@ const OUTBOX: TableDefinition<&str, &[u8]> = TableDefinition::new("outbox");
 const NOTES: TableDefinition<&str, &str> = TableDefinition::new("notes");
 const BLOBS: TableDefinition<&str, &[u8]> = TableDefinition::new("blobs");
 const KV: TableDefinition<&str, &str> = TableDefinition::new("kv");
+/// `checkpointed`: the last log segment whose every change is in redb.
+const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 
 const FIRST_CASE_NUMBER: u64 = 1001;
-
-enum Op {
-    Interaction(u64, Vec<u8>),
-    Contact(String, Vec<u8>),
-    Claim(String, String),
-    Event((u64, u64), Vec<u8>),
-    DropEvent((u64, u64)),
-    Outbox(String, Vec<u8>),
-    DropOutbox(String),
-    Note(String, String),
-    Blob(String, Vec<u8>),
-    Kv(String, String),
-}
+/// A log segment is closed and folded into redb once it is this old.
+const CHECKPOINT_EVERY: Duration = Duration::from_secs(1);
 
 struct WriteRequest {
     ops: Vec<Op>,
@@ -88,13 +93,14 @@ fn note_key(agent: &str, contact_id: &str) -> String {
 
 impl EmbeddedStore {
     /// Opens (or creates) the store in directory `dir`, keeping events at
-    /// least `retention` long.
+    /// least `retention` long. Changes still in the log are replayed first.
     pub fn open(dir: &Path, retention: Duration) -> anyhow::Result<Arc<EmbeddedStore>> {
         std::fs::create_dir_all(dir)?;
         let db = Database::create(dir.join("switchboard.redb"))?;
         {
             let w = db.begin_write()?;
             w.open_table(INTERACTIONS)?;
+            w.open_table(MESSAGES)?;
             w.open_table(CONTACTS)?;
             w.open_table(CLAIMS)?;
             w.open_table(EVENTS)?;
@@ -102,65 +108,42 @@ impl EmbeddedStore {
             w.open_table(NOTES)?;
             w.open_table(BLOBS)?;
             w.open_table(KV)?;
+            w.open_table(META)?;
             w.commit()?;
         }
-        let mut state = State {
-            next_case: FIRST_CASE_NUMBER,
-            ..State::default()
-        };
-        {
-            let r = db.begin_read()?;
-            for row in r.open_table(INTERACTIONS)?.iter()? {
-                let (k, v) = row?;
-                let i: Interaction = serde_json::from_slice(v.value())?;
-                state.next_case = state.next_case.max(k.value() + 1);
-                state.interactions.insert(k.value(), i);
+        let checkpointed = db
+            .begin_read()?
+            .open_table(META)?
+            .get("checkpointed")?
+            .map(|v| v.value())
+            .unwrap_or(0);
+        let recovered = wal::recover(&dir.join("wal"), checkpointed)?;
+        let mut next_seq = checkpointed + 1;
+        if let Some(last) = recovered.last_seq {
+            let mut pending = wal::Pending::default();
+            for ops in recovered.frames {
+                pending.add(ops);
             }
-            for row in r.open_table(CONTACTS)?.iter()? {
-                let (k, v) = row?;
-                let c: Contact = serde_json::from_slice(v.value())?;
-                state
-                    .contact_keys
-                    .insert(c.id.clone(), k.value().to_string());
-                state.contacts.insert(k.value().to_string(), c);
-            }
-            for row in r.open_table(CLAIMS)?.iter()? {
-                let (k, v) = row?;
-                state
-                    .claims
-                    .insert(k.value().to_string(), v.value().to_string());
-            }
-            for row in r.open_table(EVENTS)?.iter()? {
-                let (k, v) = row?;
-                state.last_event = k.value();
-                state.events.push_back(serde_json::from_slice(v.value())?);
-            }
-            for row in r.open_table(OUTBOX)?.iter()? {
-                let (k, v) = row?;
-                let OutboxRecord::V1(job) = serde_json::from_slice(v.value())?;
-                state.outbox.insert(k.value().to_string(), job);
-            }
-            for row in r.open_table(NOTES)?.iter()? {
-                let (k, v) = row?;
-                state
-                    .notes
-                    .insert(k.value().to_string(), v.value().to_string());
-            }
-            for row in r.open_table(KV)?.iter()? {
-                let (k, v) = row?;
-                state
-                    .kv
-                    .insert(k.value().to_string(), v.value().to_string());
-            }
+            pending.flush(&db, last)?;
+            next_seq = last + 1;
         }
+        migrate_inline_messages(&db)?;
+        let state = load(&db)?;
         let db = Arc::new(db);
         let (tx, rx) = mpsc::unbounded_channel();
         let (events, _) = broadcast::channel(4096);
+        let log = Wal::open(&dir.join("wal"), recovered.slots, next_seq)?;
+        let (ck_tx, ck_rx) = std::sync::mpsc::channel();
+        let ck_db = db.clone();
+        let ck_free = log.free_slots();
+        std::thread::Builder::new()
+            .name("embedded-checkpoint".into())
+            .spawn(move || wal::checkpointer(ck_db, ck_rx, ck_free))?;
         let writer_db = db.clone();
         let writer_events = events.clone();
         std::thread::Builder::new()
             .name("embedded-writer".into())
-            .spawn(move || writer_loop(writer_db, rx, writer_events))?;
+            .spawn(move || writer_loop(writer_db, log, rx, ck_tx, writer_events))?;
         Ok(Arc::new(EmbeddedStore {
             db,
             state: Mutex::new(state),
@@ -181,10 +164,125 @@ impl EmbeddedStore {
     }
 }
 
-/// The group-commit loop: one transaction and one fsync for everything pending.
+/// Interactions stored before messages had a table of their own carry them
+/// inline; they move to the message table once, so that a commit writing
+/// only the changed messages never loses the others.
+fn migrate_inline_messages(db: &Database) -> anyhow::Result<()> {
+    let mut inline = vec![];
+    {
+        let r = db.begin_read()?;
+        for row in r.open_table(INTERACTIONS)?.iter()? {
+            let (_, v) = row?;
+            let i: Interaction = serde_json::from_slice(v.value())?;
+            if !i.messages.is_empty() {
+                inline.push(i);
+            }
+        }
+    }
+    if inline.is_empty() {
+        return Ok(());
+    }
+    let w = db.begin_write()?;
+    {
+        let mut interactions = w.open_table(INTERACTIONS)?;
+        let mut messages = w.open_table(MESSAGES)?;
+        for mut i in inline {
+            let mut ops = vec![];
+            interaction_ops(&mut ops, None, &mut i);
+            for op in ops {
+                match op {
+                    Op::Interaction(k, v) => {
+                        interactions.insert(k, v.as_slice())?;
+                    }
+                    // A row already there is newer than the inline copy.
+                    Op::Message(k, n, v) if messages.get((k, n))?.is_none() => {
+                        messages.insert((k, n), v.as_slice())?;
+                    }
+                    _ => {}
+                }
+            }
+        }
+    }
+    w.commit()?;
+    Ok(())
+}
+
+/// Reads the checkpointed state from redb into the in-memory mirror.
+fn load(db: &Database) -> anyhow::Result<State> {
+    let mut state = State {
+        next_case: FIRST_CASE_NUMBER,
+        ..State::default()
+    };
+    let r = db.begin_read()?;
+    for row in r.open_table(INTERACTIONS)?.iter()? {
+        let (k, v) = row?;
+        let i: Interaction = serde_json::from_slice(v.value())?;
+        state.next_case = state.next_case.max(k.value() + 1);
+        state.interactions.insert(k.value(), i);
+    }
+    // Messages in key order: (case, index). Records written before messages
+    // had their own table carry them inline; a row replaces or extends those.
+    for row in r.open_table(MESSAGES)?.iter()? {
+        let (k, v) = row?;
+        let (case, index) = k.value();
+        let m: Message = serde_json::from_slice(v.value())?;
+        if let Some(i) = state.interactions.get_mut(&case) {
+            let index = index as usize;
+            if index < i.messages.len() {
+                i.messages[index] = m;
+            } else if index == i.messages.len() {
+                i.messages.push(m);
+            } else {
+                anyhow::bail!("case {case}: message {index} stored without the ones before it");
+            }
+        }
+    }
+    for row in r.open_table(CONTACTS)?.iter()? {
+        let (k, v) = row?;
+        let c: Contact = serde_json::from_slice(v.value())?;
+        state
+            .contact_keys
+            .insert(c.id.clone(), k.value().to_string());
+        state.contacts.insert(k.value().to_string(), c);
+    }
+    for row in r.open_table(CLAIMS)?.iter()? {
+        let (k, v) = row?;
+        state
+            .claims
+            .insert(k.value().to_string(), v.value().to_string());
+    }
+    for row in r.open_table(EVENTS)?.iter()? {
+        let (k, v) = row?;
+        state.last_event = k.value();
+        state.events.push_back(serde_json::from_slice(v.value())?);
+    }
+    for row in r.open_table(OUTBOX)?.iter()? {
+        let (k, v) = row?;
+        let OutboxRecord::V1(job) = serde_json::from_slice(v.value())?;
+        state.outbox.insert(k.value().to_string(), job);
+    }
+    for row in r.open_table(NOTES)?.iter()? {
+        let (k, v) = row?;
+        state
+            .notes
+            .insert(k.value().to_string(), v.value().to_string());
+    }
+    for row in r.open_table(KV)?.iter()? {
+        let (k, v) = row?;
+        state
+            .kv
+            .insert(k.value().to_string(), v.value().to_string());
+    }
+    Ok(state)
+}
+
+/// The group-commit loop: one log frame and one `fdatasync` for everything
+/// pending. Closed segments go to the checkpointer.
 fn writer_loop(
     db: Arc<Database>,
+    mut log: Wal,
     mut rx: mpsc::UnboundedReceiver<WriteRequest>,
+    checkpointer: std::sync::mpsc::Sender<wal::ToCheckpointer>,
     events: broadcast::Sender<Event>,
 ) {
     while let Some(first) = rx.blocking_recv() {
@@ -195,10 +293,23 @@ fn writer_loop(
                 Err(_) => break,
             }
         }
-        let result = apply_batch(&db, &batch).map_err(|e| e.to_string());
-        if let Err(e) = &result {
-            tracing::error!(error = %e, "embedded store commit failed");
-        }
+        let ops: Vec<Op> = batch
+            .iter_mut()
+            .flat_map(|r| std::mem::take(&mut r.ops))
+            .collect();
+        let result = match log.append(&ops) {
+            Ok(closed) => {
+                if let Some(closed) = closed {
+                    let _ = checkpointer.send(wal::ToCheckpointer::SegmentEnd(closed));
+                }
+                let _ = checkpointer.send(wal::ToCheckpointer::Ops(ops));
+                Ok(())
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "embedded store commit failed");
+                Err(e.to_string())
+            }
+        };
         for req in batch {
             if result.is_ok() {
                 for e in req.events {
@@ -207,63 +318,42 @@ fn writer_loop(
             }
             let _ = req.done.send(result.clone());
         }
-    }
-}
-
-fn apply_batch(db: &Database, batch: &[WriteRequest]) -> anyhow::Result<()> {
-    let w = db.begin_write()?;
-    {
-        let mut interactions = w.open_table(INTERACTIONS)?;
-        let mut contacts = w.open_table(CONTACTS)?;
-        let mut claims = w.open_table(CLAIMS)?;
-        let mut events = w.open_table(EVENTS)?;
-        let mut outbox = w.open_table(OUTBOX)?;
-        let mut notes = w.open_table(NOTES)?;
-        let mut blobs = w.open_table(BLOBS)?;
-        let mut kv = w.open_table(KV)?;
-        for req in batch {
-            for op in &req.ops {
-                match op {
-                    Op::Interaction(k, v) => {
-                        interactions.insert(*k, v.as_slice())?;
-                    }
-                    Op::Contact(k, v) => {
-                        contacts.insert(k.as_str(), v.as_slice())?;
-                    }
-                    Op::Claim(k, v) => {
-                        claims.insert(k.as_str(), v.as_str())?;
-                    }
-                    Op::Event(k, v) => {
-                        events.insert(*k, v.as_slice())?;
-                    }
-                    Op::DropEvent(k) => {
-                        events.remove(*k)?;
-                    }
-                    Op::Outbox(k, v) => {
-                        outbox.insert(k.as_str(), v.as_slice())?;
-                    }
-                    Op::DropOutbox(k) => {
-                        outbox.remove(k.as_str())?;
-                    }
-                    Op::Note(k, v) => {
-                        notes.insert(k.as_str(), v.as_str())?;
-                    }
-                    Op::Blob(k, v) => {
-                        blobs.insert(k.as_str(), v.as_slice())?;
-                    }
-                    Op::Kv(k, v) => {
-                        kv.insert(k.as_str(), v.as_str())?;
-                    }
-                }
-            }
+        if log.age() >= CHECKPOINT_EVERY {
+            rotate(&mut log, &checkpointer);
         }
     }
-    w.commit()?;
-    Ok(())
+    // The store was dropped: fold what is left into redb before letting go of it.
+    rotate(&mut log, &checkpointer);
+    drop(checkpointer);
+    drop(db);
+}
+
+fn rotate(log: &mut Wal, checkpointer: &std::sync::mpsc::Sender<wal::ToCheckpointer>) {
+    match log.rotate() {
+        Ok(Some(closed)) => {
+            let _ = checkpointer.send(wal::ToCheckpointer::SegmentEnd(closed));
+        }
+        Ok(None) => {}
+        Err(e) => tracing::error!(error = %e, "could not start a new log segment"),
+    }
 }
 
 fn json<T: serde::Serialize>(v: &T) -> Vec<u8> {
     serde_json::to_vec(v).expect("records always serialize")
+}
+
+/// The ops that store `new`: its header, and each message that differs from
+/// the stored version `old`.
+fn interaction_ops(ops: &mut Vec<Op>, old: Option<&Interaction>, new: &mut Interaction) {
+    let messages = std::mem::take(&mut new.messages);
+    ops.push(Op::Interaction(new.case_number, json(new)));
+    let old = old.map(|o| o.messages.as_slice()).unwrap_or_default();
+    for (index, m) in messages.iter().enumerate() {
+        if old.get(index) != Some(m) {
+            ops.push(Op::Message(new.case_number, index as u32, json(m)));
+        }
+    }
+    new.messages = messages;
 }
 
 #[async_trait]
@@ -312,7 +402,7 @@ impl Store for EmbeddedStore {
             if let Some(mut i) = commit.interaction.take() {
                 i.version += 1;
                 st.next_case = st.next_case.max(i.case_number + 1);
-                ops.push(Op::Interaction(i.case_number, json(&i)));
+                interaction_ops(&mut ops, st.interactions.get(&i.case_number), &mut i);
                 st.interactions.insert(i.case_number, i);
             }
             for job in commit.outbox_add.drain(..) {
@@ -470,9 +560,22 @@ impl Store for EmbeddedStore {
         Ok(self.state.lock().outbox.len() as u64)
     }
 
+    /// Attachments go straight into redb in a durable transaction of their
+    /// own (they are large and read from disk, never from the log), before
+    /// the commit that refers to them.
     async fn put_blob(&self, id: &str, bytes: &[u8]) -> StoreResult<()> {
-        self.write(vec![Op::Blob(id.to_string(), bytes.to_vec())], vec![])
-            .await
+        let db = self.db.clone();
+        let id = id.to_string();
+        let bytes = bytes.to_vec();
+        tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
+            let w = db.begin_write()?;
+            w.open_table(BLOBS)?.insert(id.as_str(), bytes.as_slice())?;
+            w.commit()?;
+            Ok(())
+        })
+        .await
+        .map_err(unavailable)?
+        .map_err(unavailable)
     }
 
     async fn blob(&self, id: &str) -> StoreResult<Option<Vec<u8>>> {

@@ -1,0 +1,646 @@
+//! The embedded store's write-ahead log.
+//!
+//! The log lives in `wal/` beside the redb file as fixed-size slot files
+//! (`slot-N.log`), zero-filled once when created, so appending to one never
+//! changes its size and `fdatasync` flushes only the data written. A slot
+//! holds one *segment* at a time: a run of frames that all carry the
+//! segment's sequence number.
+//!
+//! A frame is `seq: u64 LE | len: u32 LE | crc32(seq, payload): u32 LE |
+//! payload`, where the payload is the ops of one group commit. Reading a
+//! slot stops at the first frame that does not carry the segment's number
+//! or whose checksum fails: the zeros after the last write, the frames of a
+//! slot's earlier use, or a frame torn by a crash (never acknowledged, so
+//! nothing is lost by stopping there).
+//!
+//! A segment is closed about once a second; the checkpointer then writes the
+//! latest value of every key it touched into redb in one transaction that also
+//! records the segment's number as `checkpointed`, and only then is the slot
+//! reused. Recovery replays, in order, every segment numbered after
+//! `checkpointed`; replaying is idempotent because every op sets or removes
+//! a whole record.
+
+use super::{CLAIMS, CONTACTS, EVENTS, INTERACTIONS, KV, MESSAGES, META, NOTES, OUTBOX};
+use parking_lot::Mutex;
+use redb::Database;
+use std::collections::HashMap;
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+/// Size of a slot file. A frame larger than what is left starts a new
+/// segment; one larger than a whole slot extends the file.
+pub const SLOT_BYTES: u64 = 8 << 20;
+const HEADER: usize = 16;
+
+/// One change to one record.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Op {
+    /// An interaction's header (its JSON without messages).
+    Interaction(u64, Vec<u8>),
+    /// One message of an interaction: (case, index in the thread).
+    Message(u64, u32, Vec<u8>),
+    Contact(String, Vec<u8>),
+    Claim(String, String),
+    Event((u64, u64), Vec<u8>),
+    DropEvent((u64, u64)),
+    Outbox(String, Vec<u8>),
+    DropOutbox(String),
+    Note(String, String),
+    Kv(String, String),
+}
+
+// ----- encoding ---------------------------------------------------------------
+
+fn put_u64(out: &mut Vec<u8>, v: u64) {
+    out.extend_from_slice(&v.to_le_bytes());
+}
+
+fn put_bytes(out: &mut Vec<u8>, b: &[u8]) {
+    out.extend_from_slice(&(b.len() as u32).to_le_bytes());
+    out.extend_from_slice(b);
+}
+
+pub fn encode(ops: &[Op], out: &mut Vec<u8>) {
+    for op in ops {
+        match op {
+            Op::Interaction(k, v) => {
+                out.push(1);
+                put_u64(out, *k);
+                put_bytes(out, v);
+            }
+            Op::Message(k, i, v) => {
+                out.push(2);
+                put_u64(out, *k);
+                out.extend_from_slice(&i.to_le_bytes());
+                put_bytes(out, v);
+            }
+            Op::Contact(k, v) => {
+                out.push(3);
+                put_bytes(out, k.as_bytes());
+                put_bytes(out, v);
+            }
+            Op::Claim(k, v) => {
+                out.push(4);
+                put_bytes(out, k.as_bytes());
+                put_bytes(out, v.as_bytes());
+            }
+            Op::Event((a, b), v) => {
+                out.push(5);
+                put_u64(out, *a);
+                put_u64(out, *b);
+                put_bytes(out, v);
+            }
+            Op::DropEvent((a, b)) => {
+                out.push(6);
+                put_u64(out, *a);
+                put_u64(out, *b);
+            }
+            Op::Outbox(k, v) => {
+                out.push(7);
+                put_bytes(out, k.as_bytes());
+                put_bytes(out, v);
+            }
+            Op::DropOutbox(k) => {
+                out.push(8);
+                put_bytes(out, k.as_bytes());
+            }
+            Op::Note(k, v) => {
+                out.push(9);
+                put_bytes(out, k.as_bytes());
+                put_bytes(out, v.as_bytes());
+            }
+            Op::Kv(k, v) => {
+                out.push(10);
+                put_bytes(out, k.as_bytes());
+                put_bytes(out, v.as_bytes());
+            }
+        }
+    }
+}
+
+struct Reader<'a>(&'a [u8]);
+
+impl Reader<'_> {
+    fn take(&mut self, n: usize) -> Option<&[u8]> {
+        if self.0.len() < n {
+            return None;
+        }
+        let (head, rest) = self.0.split_at(n);
+        self.0 = rest;
+        Some(head)
+    }
+    fn u8(&mut self) -> Option<u8> {
+        Some(self.take(1)?[0])
+    }
+    fn u32(&mut self) -> Option<u32> {
+        Some(u32::from_le_bytes(self.take(4)?.try_into().ok()?))
+    }
+    fn u64(&mut self) -> Option<u64> {
+        Some(u64::from_le_bytes(self.take(8)?.try_into().ok()?))
+    }
+    fn bytes(&mut self) -> Option<Vec<u8>> {
+        let n = self.u32()? as usize;
+        Some(self.take(n)?.to_vec())
+    }
+    fn string(&mut self) -> Option<String> {
+        String::from_utf8(self.bytes()?).ok()
+    }
+}
+
+pub fn decode(payload: &[u8]) -> Option<Vec<Op>> {
+    let mut r = Reader(payload);
+    let mut ops = vec![];
+    while !r.0.is_empty() {
+        let op = match r.u8()? {
+            1 => Op::Interaction(r.u64()?, r.bytes()?),
+            2 => Op::Message(r.u64()?, r.u32()?, r.bytes()?),
+            3 => Op::Contact(r.string()?, r.bytes()?),
+            4 => Op::Claim(r.string()?, r.string()?),
+            5 => Op::Event((r.u64()?, r.u64()?), r.bytes()?),
+            6 => Op::DropEvent((r.u64()?, r.u64()?)),
+            7 => Op::Outbox(r.string()?, r.bytes()?),
+            8 => Op::DropOutbox(r.string()?),
+            9 => Op::Note(r.string()?, r.string()?),
+            10 => Op::Kv(r.string()?, r.string()?),
+            _ => return None,
+        };
+        ops.push(op);
+    }
+    Some(ops)
+}
+
+fn checksum(seq: u64, payload: &[u8]) -> u32 {
+    let mut h = crc32fast::Hasher::new();
+    h.update(&seq.to_le_bytes());
+    h.update(payload);
+    h.finalize()
+}
+
+// ----- slots ------------------------------------------------------------------
+
+/// Creates slot `n`: zero-filled to [`SLOT_BYTES`], flushed, its name made durable.
+fn create_slot(dir: &Path, n: usize) -> std::io::Result<PathBuf> {
+    let path = dir.join(format!("slot-{n}.log"));
+    let tmp = dir.join(format!("slot-{n}.tmp"));
+    let mut f = File::create(&tmp)?;
+    let zeros = vec![0u8; 1 << 20];
+    for _ in 0..(SLOT_BYTES >> 20) {
+        f.write_all(&zeros)?;
+    }
+    f.sync_all()?;
+    std::fs::rename(&tmp, &path)?;
+    File::open(dir)?.sync_all()?;
+    Ok(path)
+}
+
+/// The slots not holding the open segment, and how to make more.
+#[derive(Clone)]
+pub struct Slots {
+    dir: PathBuf,
+    free: Arc<Mutex<Vec<PathBuf>>>,
+    count: Arc<Mutex<usize>>,
+}
+
+impl Slots {
+    fn take(&self) -> std::io::Result<PathBuf> {
+        if let Some(p) = self.free.lock().pop() {
+            return Ok(p);
+        }
+        self.create()
+    }
+
+    fn create(&self) -> std::io::Result<PathBuf> {
+        let n = {
+            let mut c = self.count.lock();
+            *c += 1;
+            *c - 1
+        };
+        create_slot(&self.dir, n)
+    }
+
+    pub fn give_back(&self, slot: PathBuf) {
+        self.free.lock().push(slot);
+    }
+
+    /// Keeps one slot ready so that closing a segment never waits for a new file.
+    pub fn keep_spare(&self) {
+        if self.free.lock().is_empty() {
+            match self.create() {
+                Ok(p) => self.give_back(p),
+                Err(e) => tracing::warn!(error = %e, "could not prepare a log slot"),
+            }
+        }
+    }
+}
+
+// ----- the log ----------------------------------------------------------------
+
+/// A closed segment, for the checkpointer.
+pub struct Closed {
+    pub seq: u64,
+    pub slot: PathBuf,
+}
+
+pub struct Wal {
+    file: File,
+    slot: PathBuf,
+    seq: u64,
+    pos: u64,
+    opened: Instant,
+    slots: Slots,
+    buf: Vec<u8>,
+}
+
+impl Wal {
+    /// Starts segment `seq` in one of `slots` (the slot files found on disk,
+    /// all free once recovery has folded them into redb).
+    pub fn open(dir: &Path, slots: Vec<PathBuf>, seq: u64) -> std::io::Result<Wal> {
+        std::fs::create_dir_all(dir)?;
+        let count = slots
+            .iter()
+            .filter_map(|p| slot_number(p))
+            .map(|n| n + 1)
+            .max()
+            .unwrap_or(0);
+        let slots = Slots {
+            dir: dir.to_path_buf(),
+            free: Arc::new(Mutex::new(slots)),
+            count: Arc::new(Mutex::new(count)),
+        };
+        let slot = slots.take()?;
+        let file = OpenOptions::new().write(true).open(&slot)?;
+        Ok(Wal {
+            file,
+            slot,
+            seq,
+            pos: 0,
+            opened: Instant::now(),
+            slots,
+            buf: Vec::with_capacity(64 << 10),
+        })
+    }
+
+    pub fn free_slots(&self) -> Slots {
+        self.slots.clone()
+    }
+
+    /// How long the open segment has been open.
+    pub fn age(&self) -> std::time::Duration {
+        self.opened.elapsed()
+    }
+
+    /// Appends one frame and makes it durable. When the frame does not fit
+    /// in the open segment, that segment is closed first and returned: the
+    /// caller reports it to the checkpointer before this frame's ops.
+    pub fn append(&mut self, ops: &[Op]) -> std::io::Result<Option<Closed>> {
+        self.buf.clear();
+        self.buf.resize(HEADER, 0);
+        encode(ops, &mut self.buf);
+        let closed = if self.pos > 0 && self.pos + self.buf.len() as u64 > SLOT_BYTES {
+            self.rotate()?
+        } else {
+            None
+        };
+        let len = self.buf.len() - HEADER;
+        let crc = checksum(self.seq, &self.buf[HEADER..]);
+        self.buf[0..8].copy_from_slice(&self.seq.to_le_bytes());
+        self.buf[8..12].copy_from_slice(&(len as u32).to_le_bytes());
+        self.buf[12..16].copy_from_slice(&crc.to_le_bytes());
+        self.file.write_all_at(&self.buf, self.pos)?;
+        self.file.sync_data()?;
+        self.pos += self.buf.len() as u64;
+        Ok(closed)
+    }
+
+    /// Closes the open segment (if it holds anything) and opens the next one.
+    pub fn rotate(&mut self) -> std::io::Result<Option<Closed>> {
+        if self.pos == 0 {
+            self.opened = Instant::now();
+            return Ok(None);
+        }
+        let slot = self.slots.take()?;
+        let file = OpenOptions::new().write(true).open(&slot)?;
+        let closed = Closed {
+            seq: self.seq,
+            slot: std::mem::replace(&mut self.slot, slot),
+        };
+        self.file = file;
+        self.seq += 1;
+        self.pos = 0;
+        self.opened = Instant::now();
+        Ok(Some(closed))
+    }
+}
+
+fn slot_number(p: &Path) -> Option<usize> {
+    p.file_name()?
+        .to_str()?
+        .strip_prefix("slot-")?
+        .strip_suffix(".log")?
+        .parse()
+        .ok()
+}
+
+/// What recovery found in the log directory.
+pub struct Recovered {
+    /// The frames of every segment after the checkpoint, oldest first.
+    pub frames: Vec<Vec<Op>>,
+    /// The newest segment replayed, if any.
+    pub last_seq: Option<u64>,
+    /// Every slot file, all free once the frames are in redb.
+    pub slots: Vec<PathBuf>,
+}
+
+/// Reads the segments numbered after `checkpointed` from the slots in `dir`.
+pub fn recover(dir: &Path, checkpointed: u64) -> std::io::Result<Recovered> {
+    std::fs::create_dir_all(dir)?;
+    let mut slots = vec![];
+    for entry in std::fs::read_dir(dir)? {
+        let path = entry?.path();
+        if slot_number(&path).is_some() {
+            slots.push(path);
+        } else if path.extension().is_some_and(|e| e == "tmp") {
+            // A slot whose creation was cut short: never used.
+            std::fs::remove_file(&path)?;
+        }
+    }
+    slots.sort_by_key(|p| slot_number(p));
+    let mut segments = vec![];
+    for path in &slots {
+        let data = std::fs::read(path)?;
+        let Some(seq) = first_seq(&data) else {
+            continue;
+        };
+        if seq > checkpointed {
+            segments.push((seq, read_segment(&data, seq)));
+        }
+    }
+    segments.sort_by_key(|(seq, _)| *seq);
+    let last_seq = segments.last().map(|(seq, _)| *seq);
+    Ok(Recovered {
+        frames: segments.into_iter().flat_map(|(_, f)| f).collect(),
+        last_seq,
+        slots,
+    })
+}
+
+/// The segment number of a slot's first valid frame.
+fn first_seq(data: &[u8]) -> Option<u64> {
+    let (seq, _, _) = frame_at(data, 0)?;
+    Some(seq)
+}
+
+/// The frame at `pos`: (seq, ops, next position), if it is whole and intact.
+fn frame_at(data: &[u8], pos: usize) -> Option<(u64, Vec<Op>, usize)> {
+    let header = data.get(pos..pos + HEADER)?;
+    let seq = u64::from_le_bytes(header[0..8].try_into().ok()?);
+    let len = u32::from_le_bytes(header[8..12].try_into().ok()?) as usize;
+    let crc = u32::from_le_bytes(header[12..16].try_into().ok()?);
+    if seq == 0 {
+        return None;
+    }
+    let payload = data.get(pos + HEADER..pos + HEADER + len)?;
+    if checksum(seq, payload) != crc {
+        return None;
+    }
+    Some((seq, decode(payload)?, pos + HEADER + len))
+}
+
+fn read_segment(data: &[u8], seq: u64) -> Vec<Vec<Op>> {
+    let mut frames = vec![];
+    let mut pos = 0;
+    while let Some((s, ops, next)) = frame_at(data, pos) {
+        if s != seq {
+            break;
+        }
+        frames.push(ops);
+        pos = next;
+    }
+    frames
+}
+
+// ----- checkpoints ------------------------------------------------------------
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+enum Key {
+    Interaction(u64),
+    Message(u64, u32),
+    Contact(String),
+    Claim(String),
+    Event((u64, u64)),
+    Outbox(String),
+    Note(String),
+    Kv(String),
+}
+
+/// The latest value of every key changed since the last checkpoint
+/// (`None`: removed).
+#[derive(Default)]
+pub struct Pending(HashMap<Key, Option<Vec<u8>>>);
+
+impl Pending {
+    pub fn add(&mut self, ops: Vec<Op>) {
+        for op in ops {
+            let (k, v) = match op {
+                Op::Interaction(k, v) => (Key::Interaction(k), Some(v)),
+                Op::Message(k, i, v) => (Key::Message(k, i), Some(v)),
+                Op::Contact(k, v) => (Key::Contact(k), Some(v)),
+                Op::Claim(k, v) => (Key::Claim(k), Some(v.into_bytes())),
+                Op::Event(k, v) => (Key::Event(k), Some(v)),
+                Op::DropEvent(k) => (Key::Event(k), None),
+                Op::Outbox(k, v) => (Key::Outbox(k), Some(v)),
+                Op::DropOutbox(k) => (Key::Outbox(k), None),
+                Op::Note(k, v) => (Key::Note(k), Some(v.into_bytes())),
+                Op::Kv(k, v) => (Key::Kv(k), Some(v.into_bytes())),
+            };
+            self.0.insert(k, v);
+        }
+    }
+
+    /// Writes everything pending into redb in one durable transaction that
+    /// records `through` as checkpointed; pending is empty afterwards.
+    pub fn flush(&mut self, db: &Database, through: u64) -> anyhow::Result<()> {
+        let w = db.begin_write()?;
+        {
+            let mut interactions = w.open_table(INTERACTIONS)?;
+            let mut messages = w.open_table(MESSAGES)?;
+            let mut contacts = w.open_table(CONTACTS)?;
+            let mut claims = w.open_table(CLAIMS)?;
+            let mut events = w.open_table(EVENTS)?;
+            let mut outbox = w.open_table(OUTBOX)?;
+            let mut notes = w.open_table(NOTES)?;
+            let mut kv = w.open_table(KV)?;
+            let mut meta = w.open_table(META)?;
+            let text = |v: &[u8]| std::str::from_utf8(v).map(str::to_owned);
+            for (k, v) in &self.0 {
+                match (k, v) {
+                    (Key::Interaction(k), Some(v)) => {
+                        interactions.insert(*k, v.as_slice())?;
+                    }
+                    (Key::Message(k, i), Some(v)) => {
+                        messages.insert((*k, *i), v.as_slice())?;
+                    }
+                    (Key::Contact(k), Some(v)) => {
+                        contacts.insert(k.as_str(), v.as_slice())?;
+                    }
+                    (Key::Claim(k), Some(v)) => {
+                        claims.insert(k.as_str(), text(v)?.as_str())?;
+                    }
+                    (Key::Event(k), Some(v)) => {
+                        events.insert(*k, v.as_slice())?;
+                    }
+                    (Key::Event(k), None) => {
+                        events.remove(*k)?;
+                    }
+                    (Key::Outbox(k), Some(v)) => {
+                        outbox.insert(k.as_str(), v.as_slice())?;
+                    }
+                    (Key::Outbox(k), None) => {
+                        outbox.remove(k.as_str())?;
+                    }
+                    (Key::Note(k), Some(v)) => {
+                        notes.insert(k.as_str(), text(v)?.as_str())?;
+                    }
+                    (Key::Kv(k), Some(v)) => {
+                        kv.insert(k.as_str(), text(v)?.as_str())?;
+                    }
+                    (_, None) => {}
+                }
+            }
+            meta.insert("checkpointed", through)?;
+        }
+        w.commit()?;
+        self.0.clear();
+        Ok(())
+    }
+}
+
+pub enum ToCheckpointer {
+    /// The ops of one durable frame, in log order.
+    Ops(Vec<Op>),
+    /// Every frame of this segment has been sent.
+    SegmentEnd(Closed),
+}
+
+/// Folds closed segments into redb and hands their slots back. Runs until
+/// the writer lets go of its end of the channel.
+pub fn checkpointer(
+    db: Arc<Database>,
+    rx: std::sync::mpsc::Receiver<ToCheckpointer>,
+    slots: Slots,
+) {
+    let mut pending = Pending::default();
+    let mut waiting: Vec<PathBuf> = vec![];
+    slots.keep_spare();
+    while let Ok(msg) = rx.recv() {
+        match msg {
+            ToCheckpointer::Ops(ops) => pending.add(ops),
+            ToCheckpointer::SegmentEnd(closed) => {
+                waiting.push(closed.slot);
+                match pending.flush(&db, closed.seq) {
+                    Ok(()) => {
+                        for slot in waiting.drain(..) {
+                            slots.give_back(slot);
+                        }
+                        slots.keep_spare();
+                    }
+                    // The segments stay in the log and are folded in with the next one.
+                    Err(e) => tracing::error!(error = %e, "checkpoint failed"),
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> Vec<Op> {
+        vec![
+            Op::Interaction(1001, b"{\"a\":1}".to_vec()),
+            Op::Message(1001, 3, b"{}".to_vec()),
+            Op::Contact("sms:+1555".into(), b"{}".to_vec()),
+            Op::Claim("msg:sms:SM1".into(), "1001:m".into()),
+            Op::Event((17, 2), b"{}".to_vec()),
+            Op::DropEvent((16, 0)),
+            Op::Outbox("j1".into(), b"{}".to_vec()),
+            Op::DropOutbox("j0".into()),
+            Op::Note("anne\u{1f}c".into(), "VIP".into()),
+            Op::Kv("cursor".into(), "17-2".into()),
+        ]
+    }
+
+    #[test]
+    fn ops_round_trip() {
+        let mut buf = vec![];
+        encode(&sample(), &mut buf);
+        assert_eq!(decode(&buf), Some(sample()));
+        assert_eq!(
+            decode(&buf[..buf.len() - 1]),
+            None,
+            "a cut frame is refused"
+        );
+    }
+
+    #[test]
+    fn reading_stops_at_a_torn_frame_and_at_an_older_segment() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut log = Wal::open(dir.path(), vec![], 7).unwrap();
+        log.append(&sample()).unwrap();
+        log.append(&sample()[..2]).unwrap();
+        let torn_at = log.pos;
+        log.append(&sample()[2..4]).unwrap();
+        let slot = log.slot.clone();
+        // Tear the third frame: flip one byte of its payload.
+        let f = OpenOptions::new().write(true).open(&slot).unwrap();
+        f.write_all_at(&[0xff], torn_at + HEADER as u64 + 2)
+            .unwrap();
+        let found = recover(dir.path(), 6).unwrap();
+        assert_eq!(found.last_seq, Some(7));
+        assert_eq!(found.frames, vec![sample(), sample()[..2].to_vec()]);
+        // Checkpointed through 7: nothing to replay.
+        assert!(recover(dir.path(), 7).unwrap().frames.is_empty());
+    }
+
+    #[test]
+    fn a_reused_slot_shows_only_its_new_segment() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut log = Wal::open(dir.path(), vec![], 1).unwrap();
+        log.append(&sample()).unwrap();
+        log.append(&sample()).unwrap();
+        let first = log.rotate().unwrap().expect("segment 1 closed");
+        assert_eq!(first.seq, 1);
+        // Segment 1 is checkpointed: its slot comes back and is taken next.
+        log.slots.give_back(first.slot.clone());
+        log.append(&sample()[3..4]).unwrap();
+        let second = log.rotate().unwrap().expect("segment 2 closed");
+        assert_eq!(second.seq, 2);
+        assert_eq!(log.slot, first.slot);
+        log.append(&sample()[..1]).unwrap();
+        let found = recover(dir.path(), 1).unwrap();
+        assert_eq!(found.last_seq, Some(3));
+        assert_eq!(
+            found.frames,
+            vec![sample()[3..4].to_vec(), sample()[..1].to_vec()],
+            "segment 2, then segment 3 without the old frames of segment 1 behind it"
+        );
+    }
+
+    #[test]
+    fn a_full_segment_is_closed_before_the_frame_that_does_not_fit() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut log = Wal::open(dir.path(), vec![], 1).unwrap();
+        let big = vec![Op::Interaction(1, vec![7; (SLOT_BYTES / 2) as usize])];
+        assert!(log.append(&big).unwrap().is_none());
+        let closed = log.append(&big).unwrap().expect("segment 1 closed");
+        assert_eq!(closed.seq, 1);
+        let found = recover(dir.path(), 0).unwrap();
+        assert_eq!(found.last_seq, Some(2));
+        assert_eq!(found.frames, vec![big.clone(), big]);
+    }
+}
