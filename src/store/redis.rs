@@ -43,6 +43,7 @@ use crate::domain::{parse_event_id, Contact, Event, Interaction};
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use deadpool_redis::{Config, Pool, PoolConfig, Runtime, Timeouts};
+use redis::aio::MultiplexedConnection;
 use redis::streams::{StreamRangeReply, StreamReadReply};
 use redis::{AsyncCommands, Script};
 use std::sync::Arc;
@@ -306,6 +307,12 @@ impl Scripts {
 
 pub struct RedisStore {
     pool: Pool,
+    /// One multiplexed connection shared by every request (it pipelines
+    /// concurrent commands on one socket). It is taken from the pool once and
+    /// again only after it fails, so a command costs one round trip rather
+    /// than the pool's `UNWATCH` + `PING` check on every checkout. Nothing
+    /// here uses `WATCH` (every change is one Lua script), so sharing is safe.
+    shared: parking_lot::Mutex<Option<MultiplexedConnection>>,
     keys: Keys,
     scripts: Scripts,
     retention_ms: u64,
@@ -391,6 +398,7 @@ impl RedisStore {
         ));
         Ok(Arc::new(RedisStore {
             pool,
+            shared: parking_lot::Mutex::new(None),
             keys,
             scripts: Scripts::new(),
             retention_ms: u64::try_from(retention.as_millis()).unwrap_or(u64::MAX),
@@ -399,8 +407,72 @@ impl RedisStore {
         }))
     }
 
-    async fn conn(&self) -> StoreResult<deadpool_redis::Connection> {
-        self.pool.get().await.map_err(unavailable)
+    async fn conn(&self) -> StoreResult<Shared<'_>> {
+        let cached = self.shared.lock().clone();
+        let inner = match cached {
+            Some(c) => c,
+            None => {
+                let fresh =
+                    deadpool_redis::Connection::take(self.pool.get().await.map_err(unavailable)?);
+                self.shared.lock().get_or_insert(fresh).clone()
+            }
+        };
+        Ok(Shared {
+            inner,
+            slot: &self.shared,
+        })
+    }
+}
+
+/// The shared connection, as one request uses it: a command that fails for
+/// want of a connection drops it, so the next request takes a fresh one
+/// from the pool (and answers `Unavailable` while none can be made).
+struct Shared<'a> {
+    inner: MultiplexedConnection,
+    slot: &'a parking_lot::Mutex<Option<MultiplexedConnection>>,
+}
+
+impl Shared<'_> {
+    fn check<T>(&self, r: redis::RedisResult<T>) -> redis::RedisResult<T> {
+        if let Err(e) = &r {
+            if e.is_io_error()
+                || e.is_connection_dropped()
+                || e.is_connection_refusal()
+                || e.is_timeout()
+                || e.is_unrecoverable_error()
+            {
+                *self.slot.lock() = None;
+            }
+        }
+        r
+    }
+}
+
+impl redis::aio::ConnectionLike for Shared<'_> {
+    fn req_packed_command<'a>(
+        &'a mut self,
+        cmd: &'a redis::Cmd,
+    ) -> redis::RedisFuture<'a, redis::Value> {
+        Box::pin(async move {
+            let r = self.inner.req_packed_command(cmd).await;
+            self.check(r)
+        })
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        cmd: &'a redis::Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> redis::RedisFuture<'a, Vec<redis::Value>> {
+        Box::pin(async move {
+            let r = self.inner.req_packed_commands(cmd, offset, count).await;
+            self.check(r)
+        })
+    }
+
+    fn get_db(&self) -> i64 {
+        self.inner.get_db()
     }
 }
 
