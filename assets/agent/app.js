@@ -286,6 +286,7 @@
       await api("POST", `/api/v1/interactions/${i.case_number}/assign`, {});
       await loadThread(i.case_number);
       showThread();
+      refresh().catch(() => {});
     } catch (e) {
       showError(e);
       refresh().catch(() => {});
@@ -295,6 +296,7 @@
   // ---------- the thread ----------
   function showThread() {
     $("thread-pane").hidden = false;
+    $("placeholder").hidden = true;
     document.body.classList.add("thread-open");
     $("home").removeAttribute("aria-current");
     $("reply-text").focus();
@@ -303,6 +305,7 @@
     S.current = null;
     S.files = [];
     $("thread-pane").hidden = true;
+    $("placeholder").hidden = false;
     $("contact-pane").hidden = true;
     document.body.classList.remove("thread-open");
     $("home").setAttribute("aria-current", "page");
@@ -332,6 +335,8 @@
     $("thread-who").textContent = `${(i.contact && i.contact.name) || i.digital_id} · ${ch.name || i.channel.id}`;
     $("thread-status").textContent = t("status." + i.status);
     $("thread-status").className = "status st-" + i.status;
+    $("thread-subject").hidden = !i.subject;
+    $("thread-subject").textContent = i.subject ? t("subjectIs", { subject: i.subject }) : "";
     // The window.
     const w = i.window;
     const wEl = $("window");
@@ -357,13 +362,32 @@
     renderFiles();
     updateCounter();
   }
+  // A delivery error without the code repeated in front ("21211: Twilio error 21211 …").
+  const deliveryReason = (r) => String(r).replace(/^(\w+): (.*\b\1\b)/s, "$2");
+  // Why a media download failed, in words; the technical reason stays in brackets.
+  function mediaReason(r) {
+    const reason = String(r || "").replace(/^media download failed: /, "");
+    const http = /HTTP (\d{3})/.exec(reason);
+    let key = null;
+    if (http) {
+      const code = Number(http[1]);
+      key = code === 404 || code === 410 ? "media.gone" : code === 401 || code === 403 ? "media.refused" : code >= 500 ? "media.providerError" : null;
+    } else if (/timed out/.test(reason)) key = "media.slow";
+    else if (/larger than/.test(reason)) key = "media.tooBig";
+    else if (/not allowed/.test(reason)) key = "media.host";
+    return key ? `${t(key)} (${reason})` : reason;
+  }
   function messageItem(m) {
     const out = m.direction === "outbound";
-    const status = out
-      ? h("span", { class: "delivery d-" + m.status, text: m.status === "failed" && m.error ? t("failedBecause", { reason: m.error }) : t("delivery." + m.status) })
-      : null;
+    const failed = out && m.status === "failed";
+    const status = out ? h("span", { class: "delivery d-" + m.status, text: t("delivery." + m.status) }) : null;
     const atts = (m.attachments || []).map((a) => {
-      if (a.state === "failed") return h("li", { class: "att failed", text: t("attachmentFailed", { name: a.filename, reason: a.error || "" }) });
+      if (a.state === "failed") {
+        return h("li", { class: "att failed" },
+          h("span", { text: t(a.error ? "attachmentFailed" : "attachmentFailedNoReason", { name: a.filename, reason: mediaReason(a.error) }) }),
+          h("button", { type: "button", class: "retry", "aria-label": t("retryLabel", { name: a.filename }), text: t("retry"),
+            onclick: (ev) => retryAttachment(a, ev.currentTarget) }));
+      }
       const url = `/api/v1/attachments/${encodeURIComponent(a.id)}`;
       if (/^image\//.test(a.content_type)) {
         return h("li", { class: "att" }, h("a", { href: url, target: "_blank", rel: "noopener" }, h("img", { src: url, alt: a.filename, loading: "lazy" })));
@@ -375,7 +399,22 @@
         h("span", { class: "dir", text: out ? (m.author ? `${t("outbound")} (${m.author})` : t("outbound")) : t("inbound") }),
         h("time", { datetime: m.sent_at, text: fmtTime(m.sent_at) }), status),
       m.text ? h("p", { class: "text", text: m.text }) : null,
-      atts.length ? h("ul", { class: "atts" }, atts) : null);
+      atts.length ? h("ul", { class: "atts" }, atts) : null,
+      failed ? h("p", { class: "fail-reason", text: m.error ? t("failedBecause", { reason: deliveryReason(m.error) }) : t("failedNoReason") }) : null);
+  }
+  async function retryAttachment(a, btn) {
+    clearError();
+    btn.disabled = true;
+    try {
+      const r = await api("POST", `/api/v1/attachments/${encodeURIComponent(a.id)}/retry`);
+      if (r && r.state === "failed") showError(t("retryFailed", { name: a.filename }));
+      else toast(t("retryOk", { name: (r && r.filename) || a.filename }));
+      if (S.current) await loadThread(S.current.case_number);
+    } catch (e) {
+      showError(e);
+    } finally {
+      btn.disabled = false;
+    }
   }
   function updateCounter() {
     if (!S.current) return;
@@ -385,8 +424,8 @@
     const n = [...text].length;
     $("counter").textContent = max ? t("chars", { n, max }) : t("charsNoMax", { n });
     $("counter").classList.toggle("over", !!max && n > max);
-    if (S.current.channel.kind === "sms") smsPreview(text, $("sms-info"));
-    else $("sms-info").textContent = "";
+    if (S.current.channel.kind === "sms" && text) smsPreview(text, $("sms-info"));
+    else { clearTimeout(S.previewTimer); $("sms-info").textContent = ""; }
   }
   function smsPreview(text, el) {
     clearTimeout(S.previewTimer);
@@ -412,13 +451,12 @@
     }
     if (problems.length) showError(problems.join(" "), errEl);
   }
-  function renderFiles() {
-    const ul = $("file-list");
+  function renderFiles(files = S.files, ul = $("file-list")) {
     ul.textContent = "";
-    S.files.forEach((f, idx) => {
+    files.forEach((f, idx) => {
       ul.append(h("li", {}, `${f.name} (${fmtSize(f.size)}) `,
         h("button", { type: "button", class: "link", "aria-label": t("removeFile", { name: f.name }), text: "×",
-          onclick: () => { S.files.splice(idx, 1); renderFiles(); } })));
+          onclick: () => { files.splice(idx, 1); renderFiles(files, ul); } })));
     });
   }
   async function sendReply(ev) {
@@ -572,6 +610,7 @@
     $("out-files-wrap").hidden = !email;
     for (const id of ["out-to", "out-subject", "out-text", "out-name", "out-rname", "out-rcase", "out-notes", "out-files"]) $(id).value = "";
     $("out-html").textContent = "";
+    $("out-file-list").textContent = "";
     $("out-counter").textContent = "";
     $("out-error").textContent = "";
     outStep(1);
@@ -663,8 +702,10 @@
       smsPreview($("out-text").value, $("out-counter"));
     });
     $("out-files").addEventListener("change", () => {
-      S.outFiles = [];
+      $("out-error").textContent = "";
       addFiles($("out-files").files, S.outFiles, $("out-error"), null);
+      $("out-files").value = "";
+      renderFiles(S.outFiles, $("out-file-list"));
     });
     for (const b of document.querySelectorAll("#out-format button")) {
       b.addEventListener("mousedown", (e) => e.preventDefault());
