@@ -613,9 +613,33 @@
     $("out-file-list").textContent = "";
     $("out-counter").textContent = "";
     $("out-error").textContent = "";
+    for (const id of ["out-channel", "out-to", "out-subject", "out-html", "out-text"]) $(id).removeAttribute("aria-invalid");
     outStep(1);
     $("out-dialog").showModal();
     (chans.length ? $("out-to") : sel).focus();
+  }
+  // What is missing on the first step, said in words before the server is asked.
+  function checkStep1() {
+    const email = S.outKind === "email";
+    const to = $("out-to").value.trim();
+    const body = email ? $("out-html").innerText.trim() : $("out-text").value.trim();
+    const problems = [];
+    let first = null;
+    const miss = (el, key) => {
+      problems.push(t(key));
+      el.setAttribute("aria-invalid", "true");
+      first = first || el;
+    };
+    for (const id of ["out-channel", "out-to", "out-subject", "out-html", "out-text"]) $(id).removeAttribute("aria-invalid");
+    if (!$("out-channel").value) miss($("out-channel"), email ? "noEmailChannel" : "noSmsChannel");
+    if (!to) miss($("out-to"), email ? "needEmail" : "needNumber");
+    else if (email && !$("out-to").checkValidity()) miss($("out-to"), "badEmail");
+    else if (!email && !/^\+[1-9]\d{6,14}$/.test(to.replace(/[\s().-]/g, ""))) miss($("out-to"), "badNumber");
+    if (email && !$("out-subject").value.trim()) miss($("out-subject"), "needSubject");
+    if (!body) miss(email ? $("out-html") : $("out-text"), "needMessage");
+    $("out-error").textContent = problems.join(" ");
+    if (first) first.focus();
+    return !first;
   }
   function outStep(n) {
     $("out-step1").hidden = n !== 1;
@@ -694,7 +718,7 @@
     $("end-form").addEventListener("submit", saveEnd);
     $("transfer-form").addEventListener("submit", saveTransfer);
     $("out-form").addEventListener("submit", sendOut);
-    $("out-next").addEventListener("click", () => outStep(2));
+    $("out-next").addEventListener("click", () => { if (checkStep1()) outStep(2); });
     $("out-back").addEventListener("click", () => outStep(1));
     $("out-text").addEventListener("input", () => {
       const n = [...$("out-text").value].length;
@@ -740,6 +764,20 @@
       pal.hidden = !pal.hidden;
       $("emoji-btn").setAttribute("aria-expanded", String(!pal.hidden));
     });
+    // Menus: arrow keys, Home and End move between items; a click elsewhere closes them.
+    for (const [b, m] of [["case-menu-btn", "case-menu"], ["new", "new-menu"]]) {
+      $(m).addEventListener("keydown", (e) => {
+        const items = [...$(m).querySelectorAll("button:not([hidden])")];
+        const at = items.indexOf(document.activeElement);
+        const to = { ArrowDown: at + 1, ArrowUp: at - 1, Home: 0, End: items.length - 1 }[e.key];
+        if (to === undefined || !items.length) return;
+        e.preventDefault();
+        items[(to + items.length) % items.length].focus();
+      });
+      document.addEventListener("click", (e) => {
+        if (!$(m).hidden && !$(b).parentElement.contains(e.target)) toggleMenu($(b), $(m), false);
+      });
+    }
     document.addEventListener("keydown", (e) => {
       if (e.key !== "Escape") return;
       for (const [b, m] of [["case-menu-btn", "case-menu"], ["new", "new-menu"]]) {

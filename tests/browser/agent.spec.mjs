@@ -409,6 +409,14 @@ test("two agents work the digital inbox", async (t) => {
       assert.equal(await d.getByLabel("Sending channel").inputValue(), "mail-main");
       assert.equal(await d.getByLabel("Sending channel").locator("option:checked").innerText(), "Email support@demo.example");
       assert.ok(await d.locator("#out-nochannel").isHidden(), "the demo has an email channel");
+      // What is missing is said in words, before anything is sent.
+      await d.getByRole("button", { name: "Next" }).click();
+      await d.getByText("Give the recipient's email address. Give a subject. Write a message.").waitFor();
+      assert.equal(await d.getByLabel("Recipient email address").getAttribute("aria-invalid"), "true");
+      assert.ok(await d.getByLabel("Recipient email address").evaluate((el) => el === document.activeElement), "the first missing field has the focus");
+      await d.getByLabel("Recipient email address").fill("kerry@");
+      await d.getByRole("button", { name: "Next" }).click();
+      await d.getByText("The recipient is not an email address. Give a subject. Write a message.").waitFor();
       const to = `kerry.${stamp}@example.com`;
       const subject = `Your order ${stamp}`;
       await d.getByLabel("Recipient email address").fill(to);
@@ -457,12 +465,25 @@ test("two agents work the digital inbox", async (t) => {
     });
 
     await t.test("a failed delivery shows its reason in words, and the interaction comes back open", async () => {
-      await anne.getByRole("button", { name: "New", exact: true }).click();
-      await anne.getByRole("menuitem", { name: "SMS" }).click();
+      // The New menu by keyboard: Enter opens it on its first item, arrows move, Enter picks.
+      const focused = () => anne.evaluate(() => document.activeElement.textContent);
+      await anne.getByRole("button", { name: "New", exact: true }).focus();
+      await anne.keyboard.press("Enter");
+      await eventually("Email to have the focus", async () => (await focused()) === "Email");
+      await anne.keyboard.press("ArrowDown");
+      assert.equal(await focused(), "SMS");
+      await anne.keyboard.press("ArrowDown");
+      assert.equal(await focused(), "Email", "the arrows wrap around");
+      await anne.keyboard.press("End");
+      assert.equal(await focused(), "SMS");
+      await anne.keyboard.press("Enter");
       const d = anne.locator("#out-dialog");
       await d.getByRole("heading", { name: "New SMS" }).waitFor();
-      await d.getByLabel(/Mobile number/).fill("+14155550188");
+      await d.getByLabel(/Mobile number/).fill("4155550188");
       await d.getByRole("textbox", { name: "Message" }).fill("Your table is booked [sandbox:fail]");
+      await d.getByRole("button", { name: "Next" }).click();
+      await d.getByText("Give the mobile number in international form, e.g. +14155550123.").waitFor();
+      await d.getByLabel(/Mobile number/).fill("+14155550188");
       await d.getByRole("button", { name: "Next" }).click();
       await d.getByLabel("Name", { exact: true }).fill("Diana Barry");
       await d.getByRole("button", { name: "Save and send" }).click();
