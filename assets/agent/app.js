@@ -170,7 +170,7 @@
   // ---------- live updates ----------
   const EVENT_TYPES = ["interaction.created", "message.received", "message.sent", "message.status", "interaction.assigned",
     "interaction.resolved", "interaction.reopened", "interaction.ended", "interaction.transferred", "interaction.updated",
-    "message.reaction", "message.retracted", "attachment.updated", "typing"];
+    "message.updated"];
   function connectEvents() {
     if (S.events) S.events.close();
     const es = new EventSource("/api/v1/events", { withCredentials: true });
@@ -248,7 +248,9 @@
       box.append(h("label", { class: "tag-choice" }, cb, " " + tag));
     }
   }
-  function preview(m) {
+  function preview(m, subject) {
+    // Email: the subject first, as mail clients show it.
+    if (subject) return m && m.text && m.text.trim() !== subject.trim() ? `${subject} — ${m.text}` : subject;
     if (!m) return t("noPreview");
     if (m.text) return m.text;
     return m.attachments && m.attachments.length ? t("attachmentOnly") + " " + m.attachments.map((a) => a.filename).join(", ") : t("noPreview");
@@ -261,7 +263,7 @@
       h("span", { class: "ch ch-" + i.channel.kind, title: ch ? ch.name : i.channel.id, "aria-label": ch ? ch.name : i.channel.kind, text: CHANNEL_ICON[i.channel.kind] || "•" }),
       h("span", { class: "who", text: name }),
       h("span", { class: "time" }, h("time", { datetime: i.received_at, text: fmtTime(i.received_at) })),
-      h("span", { class: "preview", text: preview(i.last_message) }),
+      h("span", { class: "preview", text: preview(i.last_message, i.subject) }),
       h("span", { class: "meta" },
         h("span", { class: "status st-" + i.status, text: t("status." + i.status) }),
         i.unread ? h("span", { class: "sr", text: ", " + t("unread") }) : null,

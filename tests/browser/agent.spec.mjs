@@ -590,6 +590,19 @@ test("two agents work the digital inbox", async (t) => {
       await shot(bob, "agent-phone.png");
       await bob.getByRole("button", { name: "Back" }).click();
       await bob.locator("#list-pane").waitFor();
+      // The new email form fits a phone too.
+      await anne.setViewportSize({ width: 390, height: 844 });
+      await anne.getByRole("button", { name: "New", exact: true }).click();
+      await anne.getByRole("menuitem", { name: "Email" }).click();
+      const d = anne.locator("#out-dialog");
+      await d.getByRole("heading", { name: "New email" }).waitFor();
+      const box = await d.boundingBox();
+      assert.ok(box.x >= 0 && box.x + box.width <= 390, `the dialog fits the screen: ${JSON.stringify(box)}`);
+      assert.equal(await anne.evaluate(() => document.documentElement.scrollWidth > window.innerWidth + 1), false, "no horizontal scrolling");
+      await shot(anne, "agent-phone-email.png");
+      await anne.keyboard.press("Escape");
+      await d.waitFor({ state: "hidden" });
+      await anne.setViewportSize({ width: 1280, height: 860 });
     });
 
     await t.test("sign out", async () => {
