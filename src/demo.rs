@@ -266,6 +266,9 @@ async fn media(path: web::Path<String>) -> HttpResponse {
     }
     if name.starts_with("flaky") {
         let mut seen = FLAKY_SEEN.lock().unwrap_or_else(|e| e.into_inner());
+        if seen.len() >= 10_000 {
+            seen.clear();
+        }
         if !seen.contains(&name) {
             seen.push(name.clone());
             return not_found();
