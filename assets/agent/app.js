@@ -138,6 +138,8 @@
   function showSignin() {
     S.me = null;
     if (S.events) { S.events.close(); S.events = null; }
+    document.body.classList.remove("offline");
+    $("conn").hidden = true;
     $("app").hidden = true;
     $("signin").hidden = false;
     $("token").focus();
@@ -181,8 +183,17 @@
     };
     for (const ty of EVENT_TYPES) es.addEventListener(ty, on);
     es.onmessage = on;
-    es.onopen = () => document.body.classList.remove("offline");
-    es.onerror = () => document.body.classList.add("offline");
+    // Live updates stopped: say so (the browser reconnects by itself), and catch up once back.
+    es.onopen = () => {
+      const was = document.body.classList.contains("offline");
+      document.body.classList.remove("offline");
+      $("conn").hidden = true;
+      if (was) scheduleRefresh(S.current && S.current.case_number);
+    };
+    es.onerror = () => {
+      document.body.classList.add("offline");
+      $("conn").hidden = false;
+    };
     S.events = es;
   }
   let pendingCases = new Set();
