@@ -527,7 +527,8 @@
       const ul = $("c-history");
       ul.textContent = "";
       for (const x of c.history || []) {
-        ul.append(h("li", {}, `${t("caseTitle", { n: x.case_number })} · ${x.channel.id} · ${t("status." + x.status)} · ${fmtTime(x.received_at)}`));
+        const chName = (S.channels[x.channel.id] || {}).name || x.channel.id;
+        ul.append(h("li", {}, `${t("caseTitle", { n: x.case_number })} · ${chName} · ${t("status." + x.status)} · ${fmtTime(x.received_at)}`));
       }
       if (!(c.history || []).length) ul.append(h("li", { text: t("noHistory") }));
       $("contact-pane").hidden = false;
@@ -560,8 +561,11 @@
     toggleMenu($("case-menu-btn"), $("case-menu"), false);
     const sel = $("transfer-queue");
     sel.textContent = "";
-    for (const q of S.queues.filter((q) => q.kind === "digital" && q.id !== S.current.queue)) sel.append(h("option", { value: q.id, text: q.name }));
-    $("transfer-error").textContent = "";
+    const targets = S.queues.filter((q) => q.kind === "digital" && q.id !== S.current.queue);
+    for (const q of targets) sel.append(h("option", { value: q.id, text: q.name }));
+    $("transfer-error").textContent = targets.length ? "" : t("noTransferQueue");
+    sel.disabled = !targets.length;
+    $("transfer-go").disabled = !targets.length;
     $("transfer-dialog").showModal();
   }
   async function saveTransfer(ev) {
