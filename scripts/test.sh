@@ -37,6 +37,10 @@ fi
 if ! command -v node >/dev/null 2>&1 || ! command -v npm >/dev/null 2>&1; then
   apt_install nodejs npm
 fi
+# An emoji font, so that the inbox's screenshots show emoji as agents see them.
+if [ ! -e /usr/share/fonts/truetype/noto/NotoColorEmoji.ttf ]; then
+  apt_install fonts-noto-color-emoji
+fi
 npm ci --prefix tests/browser --no-audit --no-fund --loglevel=error
 
 export SWITCHBOARD_TEST_REDIS_URL="${SWITCHBOARD_TEST_REDIS_URL:-redis://127.0.0.1:6379/0}"

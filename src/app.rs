@@ -186,9 +186,16 @@ impl Application {
         if settings.server.public_url.is_none() {
             settings.server.public_url = Some(url.clone());
         }
-        if settings.demo {
-            crate::demo::point_at_sandbox(&mut settings);
-        }
+        // The demo's SMTP sink, on a free loopback port, for its email channels.
+        let smtp_sink = if settings.demo {
+            let sink = crate::demo_smtp::SmtpSink::bind("127.0.0.1:0")
+                .context("binding the demo SMTP sink")?;
+            crate::demo::point_at_sandbox(&mut settings, Some(sink.local_addr()));
+            Some(sink)
+        } else {
+            None
+        };
+        let sink_log = smtp_sink.as_ref().map(|s| web::Data::from(s.log()));
         let settings = settings.validate()?;
         let store = open_store(&settings).await?;
         let media_secret = media_secret(&store).await?;
@@ -216,6 +223,10 @@ impl Application {
                 .configure(http::configure)
                 .default_service(web::to(http::no_route));
             if demo {
+                let app = match &sink_log {
+                    Some(log) => app.app_data(log.clone()),
+                    None => app,
+                };
                 app.configure(crate::demo::configure_sandbox)
             } else {
                 app
@@ -231,6 +242,9 @@ impl Application {
             gateway.clone(),
             shutdown.clone(),
         ))];
+        if let Some(sink) = smtp_sink {
+            workers.push(tokio::spawn(sink.run(shutdown.clone())));
+        }
         let owner = crate::domain::new_id();
         for (i, sink) in settings.event_sinks.iter().enumerate() {
             workers.push(tokio::spawn(crate::routing::run_sink(

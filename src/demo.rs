@@ -4,7 +4,15 @@
 //! Every demo channel points at the sandbox under `/sandbox/` (mounted in
 //! demo mode only). The sandbox accepts sends the way the provider does and
 //! then reports them delivered through the provider's own signed status
-//! callbacks, so the whole path in and out runs without any account.
+//! callbacks, so the whole path in and out runs without any account. Email
+//! channels send through the in-process SMTP sink of [`crate::demo_smtp`].
+//!
+//! The sandbox can fail on purpose, so that agents can see what failures
+//! look like: an SMS whose text contains `[sandbox:fail]` is reported
+//! undelivered, Twilio's test numbers (`+15005550001`, ...) are refused with
+//! Twilio's errors, media under `/sandbox/media/missing…` is 404 (and
+//! `/sandbox/media/flaky…` only the first time), and the SMTP sink refuses
+//! every recipient at `fail.example`.
 
 use crate::adapters::sms;
 use crate::config::{AgentConfig, QueueConfig, QueueKind, ServiceConfig, Settings};
@@ -24,6 +32,10 @@ pub const DEMO_META_ACCESS_TOKEN: &str = "demo-meta-access-token";
 pub const DEMO_X_CONSUMER_SECRET: &str = "demo-x-consumer-secret";
 pub const DEMO_X_USER_ID: &str = "1000000000000000001";
 pub const DEMO_X_ACCESS_TOKEN: &str = "demo-x-access-token";
+/// The Standard Webhooks secret of the demo email channel (`whsec_` + base64).
+pub const DEMO_EMAIL_INBOUND_SECRET: &str = "whsec_ZGVtby1lbWFpbC1pbmJvdW5kLXNlY3JldA==";
+/// The demo email channel's address.
+pub const DEMO_EMAIL_ADDRESS: &str = "support@demo.example";
 
 /// The demo configuration, with fresh random agent and service tokens.
 pub fn settings() -> Settings {
@@ -114,6 +126,16 @@ user_id = "{DEMO_X_USER_ID}"
 access_token = "{DEMO_X_ACCESS_TOKEN}"
 
 [[channels]]
+id = "mail-main"
+kind = "email"
+name = "Email {DEMO_EMAIL_ADDRESS}"
+queue = "support"
+address = "{DEMO_EMAIL_ADDRESS}"
+inbound_secret = "{DEMO_EMAIL_INBOUND_SECRET}"
+# At start the demo points this at its in-process SMTP sink (a free loopback port).
+smtp = {{ host = "127.0.0.1", port = 2525, tls = "none" }}
+
+[[channels]]
 id = "chat-main"
 kind = "chat"
 name = "Web chat"
@@ -150,8 +172,9 @@ allowed_origins = ["http://127.0.0.1:8080", "http://localhost:8080"]
     s
 }
 
-/// Points every demo channel's provider API at the sandbox of this process.
-pub fn point_at_sandbox(s: &mut Settings) {
+/// Points every demo channel's provider API at the sandbox of this process,
+/// and every email channel's `smtp` at the in-process SMTP sink at `smtp`.
+pub fn point_at_sandbox(s: &mut Settings, smtp: Option<std::net::SocketAddr>) {
     let base = s.server.public_url();
     for c in &mut s.channels {
         use crate::domain::ChannelKind::*;
@@ -161,6 +184,15 @@ pub fn point_at_sandbox(s: &mut Settings) {
                 c.api_base = Some(format!("{base}/sandbox/graph/v25.0"))
             }
             Twitter => c.api_base = Some(format!("{base}/sandbox/x")),
+            Email => {
+                if let Some(addr) = smtp {
+                    let mut t = toml::map::Map::new();
+                    t.insert("host".into(), addr.ip().to_string().into());
+                    t.insert("port".into(), i64::from(addr.port()).into());
+                    t.insert("tls".into(), "none".into());
+                    c.settings.insert("smtp".into(), toml::Value::Table(t));
+                }
+            }
             _ => {}
         }
         let host = url::Url::parse(&base)
@@ -169,6 +201,22 @@ pub fn point_at_sandbox(s: &mut Settings) {
             .unwrap_or_else(|| "127.0.0.1".into());
         c.media_hosts = Some(vec![host]);
     }
+}
+
+/// The text marker that makes the SMS sandbox report a send undelivered.
+pub const SANDBOX_FAIL_MARKER: &str = "[sandbox:fail]";
+
+/// Twilio's test numbers that its test credentials refuse, answered the same
+/// way: `(error code, message)`.
+pub fn twilio_test_number_error(to: &str) -> Option<(u32, String)> {
+    Some(match to {
+        "+15005550001" => (21211, format!("The 'To' number {to} is not a valid phone number.")),
+        "+15005550002" => (21612, format!("The 'To' phone number: {to}, is not currently reachable using the 'From' phone number via SMS.")),
+        "+15005550003" => (21408, format!("Permission to send an SMS has not been enabled for the region indicated by the 'To' number: {to}.")),
+        "+15005550004" => (21610, "Attempt to send to unsubscribed recipient".to_string()),
+        "+15005550009" => (21614, format!("'To' number {to} is not a valid mobile number")),
+        _ => return None,
+    })
 }
 
 pub fn configure_sandbox(cfg: &mut web::ServiceConfig) {
@@ -188,7 +236,61 @@ pub fn configure_sandbox(cfg: &mut web::ServiceConfig) {
         "/sandbox/x/2/dm_conversations/with/{participant}/messages",
         web::post().to(x_send),
     )
-    .route("/sandbox/x/2/media/upload", web::post().to(x_upload));
+    .route("/sandbox/x/2/media/upload", web::post().to(x_upload))
+    .route("/sandbox/media/{name}", web::get().to(media))
+    .route("/sandbox/smtp/messages", web::get().to(smtp_messages));
+}
+
+/// A 1×1 PNG.
+const PIXEL_PNG: &[u8] = &[
+    0x89, 0x50, 0x4e, 0x47, 0x0d, 0x0a, 0x1a, 0x0a, 0x00, 0x00, 0x00, 0x0d, 0x49, 0x48, 0x44, 0x52,
+    0x00, 0x00, 0x00, 0x01, 0x00, 0x00, 0x00, 0x01, 0x08, 0x06, 0x00, 0x00, 0x00, 0x1f, 0x15, 0xc4,
+    0x89, 0x00, 0x00, 0x00, 0x0d, 0x49, 0x44, 0x41, 0x54, 0x78, 0xda, 0x63, 0x64, 0xf8, 0xcf, 0x50,
+    0x0f, 0x00, 0x03, 0x86, 0x01, 0x80, 0x5a, 0x34, 0x7d, 0x6b, 0x00, 0x00, 0x00, 0x00, 0x49, 0x45,
+    0x4e, 0x44, 0xae, 0x42, 0x60, 0x82,
+];
+
+/// Names under `/sandbox/media/flaky-…` already asked for once.
+static FLAKY_SEEN: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+
+/// A provider's media host: `missing…` is always 404, `flaky…` is 404 the
+/// first time and there after that, anything else is there (a 1×1 PNG for
+/// `.png`, else a line of text).
+async fn media(path: web::Path<String>) -> HttpResponse {
+    let name = path.into_inner();
+    let not_found = || {
+        HttpResponse::NotFound().json(json!({"code": 20404, "message": format!("The requested resource /sandbox/media/{name} was not found"), "more_info": "https://www.twilio.com/docs/errors/20404", "status": 404}))
+    };
+    if name.starts_with("missing") {
+        return not_found();
+    }
+    if name.starts_with("flaky") {
+        let mut seen = FLAKY_SEEN.lock().unwrap_or_else(|e| e.into_inner());
+        if seen.len() >= 10_000 {
+            seen.clear();
+        }
+        if !seen.contains(&name) {
+            seen.push(name.clone());
+            return not_found();
+        }
+    }
+    if name.to_ascii_lowercase().ends_with(".png") {
+        HttpResponse::Ok().content_type("image/png").body(PIXEL_PNG)
+    } else {
+        HttpResponse::Ok()
+            .content_type("text/plain; charset=utf-8")
+            .body(format!("{name}: a file from the demo sandbox\n"))
+    }
+}
+
+/// What the demo SMTP sink accepted: a count and the latest summaries.
+async fn smtp_messages(log: Option<web::Data<crate::demo_smtp::SinkLog>>) -> HttpResponse {
+    match log {
+        Some(log) => {
+            HttpResponse::Ok().json(json!({"count": log.count(), "messages": log.latest()}))
+        }
+        None => HttpResponse::NotFound().json(json!({"detail": "the SMTP sink is not running"})),
+    }
 }
 
 fn x_authorized(state: &State, req: &HttpRequest) -> bool {
@@ -349,7 +451,10 @@ async fn graph_upload(
 }
 
 /// Accepts a send as Twilio's Messages API does, then reports it sent and
-/// delivered through signed status callbacks.
+/// delivered through signed status callbacks. Deterministic failures: a
+/// text containing [`SANDBOX_FAIL_MARKER`] is reported `undelivered`
+/// (ErrorCode 30003), and Twilio's test numbers are refused as Twilio
+/// refuses them ([`twilio_test_number_error`]).
 async fn twilio_send(
     state: web::Data<State>,
     path: web::Path<String>,
@@ -386,14 +491,26 @@ async fn twilio_send(
             json!({"code": 21604, "message": "A 'To' phone number is required.", "status": 400}),
         );
     };
+    if let Some((code, message)) = twilio_test_number_error(&to) {
+        return HttpResponse::BadRequest().json(json!({"code": code, "message": message,
+            "more_info": format!("https://www.twilio.com/docs/errors/{code}"), "status": 400}));
+    }
+    // The marker makes the carrier report the message undelivered, as a
+    // switched-off handset would (Twilio's error 30003).
+    let statuses: [(&str, Option<&str>); 2] =
+        if get("Body").is_some_and(|b| b.to_ascii_lowercase().contains(SANDBOX_FAIL_MARKER)) {
+            [("sent", None), ("undelivered", Some("30003"))]
+        } else {
+            [("sent", None), ("delivered", None)]
+        };
     let sid = format!("SM{}", new_id());
     let public_url = g.settings.server.public_url();
     let sid2 = sid.clone();
     tokio::spawn(async move {
         let http = reqwest::Client::new();
-        for status in ["sent", "delivered"] {
+        for (status, error_code) in statuses {
             tokio::time::sleep(std::time::Duration::from_millis(300)).await;
-            let r = sms::simulate_status(&ch, &public_url, &sid2, status, None);
+            let r = sms::simulate_status(&ch, &public_url, &sid2, status, error_code);
             let target = if callback.starts_with(&public_url) {
                 callback.clone()
             } else {
@@ -418,4 +535,53 @@ async fn twilio_send(
         "status": "queued", "num_segments": "1", "num_media": extra["num_media"], "direction": "outbound-api",
         "api_version": "2010-04-01", "error_code": null, "error_message": null,
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_demo_configuration_passes_check_config_with_an_email_channel() {
+        let mut s = settings();
+        assert_eq!(s.problems(), Vec::<String>::new());
+        let mail = s
+            .channel("mail-main")
+            .expect("the demo has an email channel");
+        assert_eq!(mail.kind, crate::domain::ChannelKind::Email);
+        assert!(
+            mail.str("inbound_secret").is_some(),
+            "simulate can sign for it"
+        );
+        s.server.public_url = Some("http://127.0.0.1:9999".into());
+        point_at_sandbox(&mut s, Some("127.0.0.1:40025".parse().unwrap()));
+        assert_eq!(s.problems(), Vec::<String>::new());
+        let smtp = crate::adapters::email::send::SmtpSettings::from_config(
+            s.channel("mail-main").unwrap(),
+        )
+        .unwrap()
+        .expect("smtp is set");
+        assert_eq!((smtp.host.as_str(), smtp.port), ("127.0.0.1", 40025));
+        assert_eq!(smtp.tls, crate::adapters::email::send::SmtpTls::None);
+        assert_eq!(
+            s.channel("sms-main").unwrap().api_base.as_deref(),
+            Some("http://127.0.0.1:9999/sandbox/twilio")
+        );
+    }
+
+    #[test]
+    fn twilio_test_numbers_are_numbers_the_gateway_accepts() {
+        for n in ["+15005550001", "+15005550004"] {
+            assert!(twilio_test_number_error(n).is_some());
+            assert_eq!(
+                crate::domain::PhoneNumber::parse(n)
+                    .map(|p| p.to_string())
+                    .ok()
+                    .as_deref(),
+                Some(n),
+                "the gateway sends to {n}, so the sandbox can refuse it"
+            );
+        }
+        assert!(twilio_test_number_error("+14155550100").is_none());
+    }
 }

@@ -17,6 +17,7 @@ pub mod adapters;
 pub mod app;
 pub mod config;
 pub mod demo;
+pub mod demo_smtp;
 pub mod domain;
 pub mod gateway;
 pub mod http;

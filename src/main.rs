@@ -163,6 +163,24 @@ async fn serve(config: Option<PathBuf>, demo: bool) -> anyhow::Result<std::proce
                 c.id, c.kind, c.id
             );
         }
+        if let Some(smtp) = g
+            .settings
+            .channels
+            .iter()
+            .filter(|c| c.kind == switchboard::domain::ChannelKind::Email)
+            .find_map(|c| c.settings.get("smtp").and_then(|v| v.as_table()))
+        {
+            println!(
+                "SMTP sink:       {}:{} takes the email channels' mail and delivers none of it; what it took: {url}/sandbox/smtp/messages",
+                smtp.get("host").and_then(|v| v.as_str()).unwrap_or("127.0.0.1"),
+                smtp.get("port").and_then(|v| v.as_integer()).unwrap_or_default()
+            );
+        }
+        println!(
+            "failures on purpose: an SMS containing {} is reported undelivered; mail to any address at {} is refused",
+            switchboard::demo::SANDBOX_FAIL_MARKER,
+            switchboard::demo_smtp::FAIL_DOMAIN
+        );
     }
     use std::io::Write;
     let _ = std::io::stdout().flush();
@@ -175,8 +193,15 @@ fn check_config(config: Option<PathBuf>) -> anyhow::Result<std::process::ExitCod
     let settings = match &path {
         Some(p) => Settings::load(p),
         None => {
-            println!("no configuration file: the demo configuration would be used");
-            return Ok(std::process::ExitCode::SUCCESS);
+            let problems = switchboard::demo::settings().problems();
+            if problems.is_empty() {
+                println!("no configuration file: the demo configuration would be used: ok");
+                return Ok(std::process::ExitCode::SUCCESS);
+            }
+            for p in &problems {
+                println!("demo configuration: {p}");
+            }
+            return Ok(std::process::ExitCode::FAILURE);
         }
     };
     let settings = match settings {

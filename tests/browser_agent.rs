@@ -54,7 +54,10 @@ fn token_of(settings: &switchboard::config::Settings, agent: &str) -> String {
 /// Two agents work the demo inbox side by side: a simulated SMS appears live
 /// for both, the one who clicks gets it, replies with an attachment, ends it
 /// with a disposition; notes stay private; set as resolved, transfer, switch,
-/// outbound SMS and email only for the right agent, the Spanish interface.
+/// outbound SMS and email (through the demo's SMTP sink) only for the right
+/// agent; failed deliveries and failed attachment downloads (the sandbox
+/// failing on purpose) shown in words, with the download tried again; the
+/// Spanish interface.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_agent_inbox_works_in_a_real_browser() {
     if std::env::var("SWITCHBOARD_SKIP_BROWSER").as_deref() == Ok("1") {
@@ -124,6 +127,10 @@ async fn the_agent_inbox_works_in_a_real_browser() {
         "agent-thread-reply.png",
         "agent-contact.png",
         "agent-outbound-sms.png",
+        "agent-outbound-email.png",
+        "agent-email-sent.png",
+        "agent-failed-delivery.png",
+        "agent-failed-attachment.png",
         "agent-es.png",
     ] {
         assert!(

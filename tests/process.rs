@@ -571,8 +571,10 @@ async fn demo_starts_without_config_and_simulate_reaches_the_agent_api() {
     );
 }
 
-/// The demo's WhatsApp, Messenger and Instagram channels work offline: `simulate` reaches
-/// the agent, and a reply goes through the Graph sandbox and comes back delivered.
+/// The demo's WhatsApp, Messenger, Instagram, X and email channels work
+/// offline: `simulate` reaches the agent, and a reply goes through the
+/// sandbox (email: the in-process SMTP sink) and comes back delivered, or
+/// sent where the provider reports no delivery.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn demo_meta_channels_simulate_and_deliver() {
     let dir = tempfile::tempdir().unwrap();
@@ -588,6 +590,10 @@ async fn demo_meta_channels_simulate_and_deliver() {
         .await
         .trim()
         .to_string();
+    p.wait_line("channel mail-main (email): try ", Duration::from_secs(5))
+        .await;
+    let sink = p.wait_line("SMTP sink:", Duration::from_secs(5)).await;
+    assert!(sink.contains("127.0.0.1:"), "{sink}");
     let api = Api::new(&p.url);
     for (channel, text, last_status) in [
         ("wa-main", "hola desde WhatsApp", "delivered"),
@@ -595,6 +601,8 @@ async fn demo_meta_channels_simulate_and_deliver() {
         ("ig-main", "hi from Instagram", "delivered"),
         // X reports no delivery for DMs: accepted (sent) is as far as it goes.
         ("x-main", "hi from X", "sent"),
+        // SMTP has no delivery reports either: the sink took it.
+        ("mail-main", "hi by email", "sent"),
     ] {
         let out = tokio::process::Command::from(command(dir.path()))
             .args(["simulate", channel, "--url", p.url.as_str(), "--text", text])
@@ -888,6 +896,19 @@ fn check_config_lists_every_problem_and_exits_1() {
 
 /// If this fails, a correct configuration is refused (and deployments that
 /// run check-config first never start).
+/// Without a file, check-config checks the demo configuration.
+#[test]
+fn check_config_without_a_file_checks_the_demo() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = command(dir.path()).arg("check-config").output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}");
+    assert!(
+        stdout.contains("demo configuration would be used: ok"),
+        "{stdout}"
+    );
+}
+
 #[test]
 fn check_config_accepts_a_good_file() {
     let dir = tempfile::tempdir().unwrap();

@@ -138,6 +138,8 @@
   function showSignin() {
     S.me = null;
     if (S.events) { S.events.close(); S.events = null; }
+    document.body.classList.remove("offline");
+    $("conn").hidden = true;
     $("app").hidden = true;
     $("signin").hidden = false;
     $("token").focus();
@@ -170,7 +172,7 @@
   // ---------- live updates ----------
   const EVENT_TYPES = ["interaction.created", "message.received", "message.sent", "message.status", "interaction.assigned",
     "interaction.resolved", "interaction.reopened", "interaction.ended", "interaction.transferred", "interaction.updated",
-    "message.reaction", "message.retracted", "attachment.updated", "typing"];
+    "message.updated"];
   function connectEvents() {
     if (S.events) S.events.close();
     const es = new EventSource("/api/v1/events", { withCredentials: true });
@@ -181,8 +183,17 @@
     };
     for (const ty of EVENT_TYPES) es.addEventListener(ty, on);
     es.onmessage = on;
-    es.onopen = () => document.body.classList.remove("offline");
-    es.onerror = () => document.body.classList.add("offline");
+    // Live updates stopped: say so (the browser reconnects by itself), and catch up once back.
+    es.onopen = () => {
+      const was = document.body.classList.contains("offline");
+      document.body.classList.remove("offline");
+      $("conn").hidden = true;
+      if (was) scheduleRefresh(S.current && S.current.case_number);
+    };
+    es.onerror = () => {
+      document.body.classList.add("offline");
+      $("conn").hidden = false;
+    };
     S.events = es;
   }
   let pendingCases = new Set();
@@ -248,7 +259,9 @@
       box.append(h("label", { class: "tag-choice" }, cb, " " + tag));
     }
   }
-  function preview(m) {
+  function preview(m, subject) {
+    // Email: the subject first, as mail clients show it.
+    if (subject) return m && m.text && m.text.trim() !== subject.trim() ? `${subject} — ${m.text}` : subject;
     if (!m) return t("noPreview");
     if (m.text) return m.text;
     return m.attachments && m.attachments.length ? t("attachmentOnly") + " " + m.attachments.map((a) => a.filename).join(", ") : t("noPreview");
@@ -261,7 +274,7 @@
       h("span", { class: "ch ch-" + i.channel.kind, title: ch ? ch.name : i.channel.id, "aria-label": ch ? ch.name : i.channel.kind, text: CHANNEL_ICON[i.channel.kind] || "•" }),
       h("span", { class: "who", text: name }),
       h("span", { class: "time" }, h("time", { datetime: i.received_at, text: fmtTime(i.received_at) })),
-      h("span", { class: "preview", text: preview(i.last_message) }),
+      h("span", { class: "preview", text: preview(i.last_message, i.subject) }),
       h("span", { class: "meta" },
         h("span", { class: "status st-" + i.status, text: t("status." + i.status) }),
         i.unread ? h("span", { class: "sr", text: ", " + t("unread") }) : null,
@@ -286,6 +299,7 @@
       await api("POST", `/api/v1/interactions/${i.case_number}/assign`, {});
       await loadThread(i.case_number);
       showThread();
+      refresh().catch(() => {});
     } catch (e) {
       showError(e);
       refresh().catch(() => {});
@@ -295,6 +309,7 @@
   // ---------- the thread ----------
   function showThread() {
     $("thread-pane").hidden = false;
+    $("placeholder").hidden = true;
     document.body.classList.add("thread-open");
     $("home").removeAttribute("aria-current");
     $("reply-text").focus();
@@ -303,6 +318,7 @@
     S.current = null;
     S.files = [];
     $("thread-pane").hidden = true;
+    $("placeholder").hidden = false;
     $("contact-pane").hidden = true;
     document.body.classList.remove("thread-open");
     $("home").setAttribute("aria-current", "page");
@@ -332,6 +348,8 @@
     $("thread-who").textContent = `${(i.contact && i.contact.name) || i.digital_id} · ${ch.name || i.channel.id}`;
     $("thread-status").textContent = t("status." + i.status);
     $("thread-status").className = "status st-" + i.status;
+    $("thread-subject").hidden = !i.subject;
+    $("thread-subject").textContent = i.subject ? t("subjectIs", { subject: i.subject }) : "";
     // The window.
     const w = i.window;
     const wEl = $("window");
@@ -357,13 +375,32 @@
     renderFiles();
     updateCounter();
   }
+  // A delivery error without the code repeated in front ("21211: Twilio error 21211 …").
+  const deliveryReason = (r) => String(r).replace(/^(\w+): (.*\b\1\b)/s, "$2");
+  // Why a media download failed, in words; the technical reason stays in brackets.
+  function mediaReason(r) {
+    const reason = String(r || "").replace(/^media download failed: /, "");
+    const http = /HTTP (\d{3})/.exec(reason);
+    let key = null;
+    if (http) {
+      const code = Number(http[1]);
+      key = code === 404 || code === 410 ? "media.gone" : code === 401 || code === 403 ? "media.refused" : code >= 500 ? "media.providerError" : null;
+    } else if (/timed out/.test(reason)) key = "media.slow";
+    else if (/larger than/.test(reason)) key = "media.tooBig";
+    else if (/not allowed/.test(reason)) key = "media.host";
+    return key ? `${t(key)} (${reason})` : reason;
+  }
   function messageItem(m) {
     const out = m.direction === "outbound";
-    const status = out
-      ? h("span", { class: "delivery d-" + m.status, text: m.status === "failed" && m.error ? t("failedBecause", { reason: m.error }) : t("delivery." + m.status) })
-      : null;
+    const failed = out && m.status === "failed";
+    const status = out ? h("span", { class: "delivery d-" + m.status, text: t("delivery." + m.status) }) : null;
     const atts = (m.attachments || []).map((a) => {
-      if (a.state === "failed") return h("li", { class: "att failed", text: t("attachmentFailed", { name: a.filename, reason: a.error || "" }) });
+      if (a.state === "failed") {
+        return h("li", { class: "att failed" },
+          h("span", { text: t(a.error ? "attachmentFailed" : "attachmentFailedNoReason", { name: a.filename, reason: mediaReason(a.error) }) }),
+          h("button", { type: "button", class: "retry", "aria-label": t("retryLabel", { name: a.filename }), text: t("retry"),
+            onclick: (ev) => retryAttachment(a, ev.currentTarget) }));
+      }
       const url = `/api/v1/attachments/${encodeURIComponent(a.id)}`;
       if (/^image\//.test(a.content_type)) {
         return h("li", { class: "att" }, h("a", { href: url, target: "_blank", rel: "noopener" }, h("img", { src: url, alt: a.filename, loading: "lazy" })));
@@ -375,7 +412,22 @@
         h("span", { class: "dir", text: out ? (m.author ? `${t("outbound")} (${m.author})` : t("outbound")) : t("inbound") }),
         h("time", { datetime: m.sent_at, text: fmtTime(m.sent_at) }), status),
       m.text ? h("p", { class: "text", text: m.text }) : null,
-      atts.length ? h("ul", { class: "atts" }, atts) : null);
+      atts.length ? h("ul", { class: "atts" }, atts) : null,
+      failed ? h("p", { class: "fail-reason", text: m.error ? t("failedBecause", { reason: deliveryReason(m.error) }) : t("failedNoReason") }) : null);
+  }
+  async function retryAttachment(a, btn) {
+    clearError();
+    btn.disabled = true;
+    try {
+      const r = await api("POST", `/api/v1/attachments/${encodeURIComponent(a.id)}/retry`);
+      if (r && r.state === "failed") showError(t("retryFailed", { name: a.filename }));
+      else toast(t("retryOk", { name: (r && r.filename) || a.filename }));
+      if (S.current) await loadThread(S.current.case_number);
+    } catch (e) {
+      showError(e);
+    } finally {
+      btn.disabled = false;
+    }
   }
   function updateCounter() {
     if (!S.current) return;
@@ -385,8 +437,8 @@
     const n = [...text].length;
     $("counter").textContent = max ? t("chars", { n, max }) : t("charsNoMax", { n });
     $("counter").classList.toggle("over", !!max && n > max);
-    if (S.current.channel.kind === "sms") smsPreview(text, $("sms-info"));
-    else $("sms-info").textContent = "";
+    if (S.current.channel.kind === "sms" && text) smsPreview(text, $("sms-info"));
+    else { clearTimeout(S.previewTimer); $("sms-info").textContent = ""; }
   }
   function smsPreview(text, el) {
     clearTimeout(S.previewTimer);
@@ -412,13 +464,12 @@
     }
     if (problems.length) showError(problems.join(" "), errEl);
   }
-  function renderFiles() {
-    const ul = $("file-list");
+  function renderFiles(files = S.files, ul = $("file-list")) {
     ul.textContent = "";
-    S.files.forEach((f, idx) => {
+    files.forEach((f, idx) => {
       ul.append(h("li", {}, `${f.name} (${fmtSize(f.size)}) `,
         h("button", { type: "button", class: "link", "aria-label": t("removeFile", { name: f.name }), text: "×",
-          onclick: () => { S.files.splice(idx, 1); renderFiles(); } })));
+          onclick: () => { files.splice(idx, 1); renderFiles(files, ul); } })));
     });
   }
   async function sendReply(ev) {
@@ -476,7 +527,8 @@
       const ul = $("c-history");
       ul.textContent = "";
       for (const x of c.history || []) {
-        ul.append(h("li", {}, `${t("caseTitle", { n: x.case_number })} · ${x.channel.id} · ${t("status." + x.status)} · ${fmtTime(x.received_at)}`));
+        const chName = (S.channels[x.channel.id] || {}).name || x.channel.id;
+        ul.append(h("li", {}, `${t("caseTitle", { n: x.case_number })} · ${chName} · ${t("status." + x.status)} · ${fmtTime(x.received_at)}`));
       }
       if (!(c.history || []).length) ul.append(h("li", { text: t("noHistory") }));
       $("contact-pane").hidden = false;
@@ -509,8 +561,11 @@
     toggleMenu($("case-menu-btn"), $("case-menu"), false);
     const sel = $("transfer-queue");
     sel.textContent = "";
-    for (const q of S.queues.filter((q) => q.kind === "digital" && q.id !== S.current.queue)) sel.append(h("option", { value: q.id, text: q.name }));
-    $("transfer-error").textContent = "";
+    const targets = S.queues.filter((q) => q.kind === "digital" && q.id !== S.current.queue);
+    for (const q of targets) sel.append(h("option", { value: q.id, text: q.name }));
+    $("transfer-error").textContent = targets.length ? "" : t("noTransferQueue");
+    sel.disabled = !targets.length;
+    $("transfer-go").disabled = !targets.length;
     $("transfer-dialog").showModal();
   }
   async function saveTransfer(ev) {
@@ -572,11 +627,36 @@
     $("out-files-wrap").hidden = !email;
     for (const id of ["out-to", "out-subject", "out-text", "out-name", "out-rname", "out-rcase", "out-notes", "out-files"]) $(id).value = "";
     $("out-html").textContent = "";
+    $("out-file-list").textContent = "";
     $("out-counter").textContent = "";
     $("out-error").textContent = "";
+    for (const id of ["out-channel", "out-to", "out-subject", "out-html", "out-text"]) $(id).removeAttribute("aria-invalid");
     outStep(1);
     $("out-dialog").showModal();
     (chans.length ? $("out-to") : sel).focus();
+  }
+  // What is missing on the first step, said in words before the server is asked.
+  function checkStep1() {
+    const email = S.outKind === "email";
+    const to = $("out-to").value.trim();
+    const body = email ? $("out-html").innerText.trim() : $("out-text").value.trim();
+    const problems = [];
+    let first = null;
+    const miss = (el, key) => {
+      problems.push(t(key));
+      el.setAttribute("aria-invalid", "true");
+      first = first || el;
+    };
+    for (const id of ["out-channel", "out-to", "out-subject", "out-html", "out-text"]) $(id).removeAttribute("aria-invalid");
+    if (!$("out-channel").value) miss($("out-channel"), email ? "noEmailChannel" : "noSmsChannel");
+    if (!to) miss($("out-to"), email ? "needEmail" : "needNumber");
+    else if (email && !$("out-to").checkValidity()) miss($("out-to"), "badEmail");
+    else if (!email && !/^\+[1-9]\d{6,14}$/.test(to.replace(/[\s().-]/g, ""))) miss($("out-to"), "badNumber");
+    if (email && !$("out-subject").value.trim()) miss($("out-subject"), "needSubject");
+    if (!body) miss(email ? $("out-html") : $("out-text"), "needMessage");
+    $("out-error").textContent = problems.join(" ");
+    if (first) first.focus();
+    return !first;
   }
   function outStep(n) {
     $("out-step1").hidden = n !== 1;
@@ -655,7 +735,7 @@
     $("end-form").addEventListener("submit", saveEnd);
     $("transfer-form").addEventListener("submit", saveTransfer);
     $("out-form").addEventListener("submit", sendOut);
-    $("out-next").addEventListener("click", () => outStep(2));
+    $("out-next").addEventListener("click", () => { if (checkStep1()) outStep(2); });
     $("out-back").addEventListener("click", () => outStep(1));
     $("out-text").addEventListener("input", () => {
       const n = [...$("out-text").value].length;
@@ -663,8 +743,10 @@
       smsPreview($("out-text").value, $("out-counter"));
     });
     $("out-files").addEventListener("change", () => {
-      S.outFiles = [];
+      $("out-error").textContent = "";
       addFiles($("out-files").files, S.outFiles, $("out-error"), null);
+      $("out-files").value = "";
+      renderFiles(S.outFiles, $("out-file-list"));
     });
     for (const b of document.querySelectorAll("#out-format button")) {
       b.addEventListener("mousedown", (e) => e.preventDefault());
@@ -699,6 +781,20 @@
       pal.hidden = !pal.hidden;
       $("emoji-btn").setAttribute("aria-expanded", String(!pal.hidden));
     });
+    // Menus: arrow keys, Home and End move between items; a click elsewhere closes them.
+    for (const [b, m] of [["case-menu-btn", "case-menu"], ["new", "new-menu"]]) {
+      $(m).addEventListener("keydown", (e) => {
+        const items = [...$(m).querySelectorAll("button:not([hidden])")];
+        const at = items.indexOf(document.activeElement);
+        const to = { ArrowDown: at + 1, ArrowUp: at - 1, Home: 0, End: items.length - 1 }[e.key];
+        if (to === undefined || !items.length) return;
+        e.preventDefault();
+        items[(to + items.length) % items.length].focus();
+      });
+      document.addEventListener("click", (e) => {
+        if (!$(m).hidden && !$(b).parentElement.contains(e.target)) toggleMenu($(b), $(m), false);
+      });
+    }
     document.addEventListener("keydown", (e) => {
       if (e.key !== "Escape") return;
       for (const [b, m] of [["case-menu-btn", "case-menu"], ["new", "new-menu"]]) {

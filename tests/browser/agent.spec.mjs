@@ -9,7 +9,8 @@
 //   CHROMIUM_PATH     the browser (default /usr/bin/chromium)
 import { test } from "node:test";
 import assert from "node:assert/strict";
-import { mkdirSync } from "node:fs";
+import { mkdirSync, mkdtempSync, writeFileSync } from "node:fs";
+import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { execFile } from "node:child_process";
 import { chromium } from "playwright-core";
@@ -52,6 +53,17 @@ function simulate(channel, text, from) {
   delete env.SWITCHBOARD_CONFIG;
   return new Promise((resolve, reject) =>
     execFile(bin, ["simulate", channel, "--url", base, "--text", text, "--from", from], { env }, (err, stdout, stderr) =>
+      err ? reject(new Error(`simulate failed: ${err.message}\n${stdout}\n${stderr}`)) : resolve(stdout),
+    ),
+  );
+}
+
+/** A provider payload from a file, signed as the provider would sign it. */
+function simulateFile(channel, path) {
+  const env = { ...process.env };
+  delete env.SWITCHBOARD_CONFIG;
+  return new Promise((resolve, reject) =>
+    execFile(bin, ["simulate", channel, "--url", base, "--file", path], { env }, (err, stdout, stderr) =>
       err ? reject(new Error(`simulate failed: ${err.message}\n${stdout}\n${stderr}`)) : resolve(stdout),
     ),
   );
@@ -146,6 +158,7 @@ test("two agents work the digital inbox", async (t) => {
         assert.match(await row.innerText(), /New/);
         assert.ok(await row.locator("time").getAttribute("datetime"));
       }
+      await anne.getByText("Pick an interaction from the list to read it and reply.").waitFor();
       await shot(anne, "agent-list-live.png");
     });
 
@@ -388,29 +401,154 @@ test("two agents work the digital inbox", async (t) => {
       await shot(anne, "agent-outbound-sms.png");
     });
 
-    await t.test("New → Email is offered to anne; without an email channel the form says so", async () => {
-      const channels = (await api("anne", "GET", "/api/v1/channels")).body.items;
-      const email = channels.find((c) => c.kind === "email");
+    await t.test("New → Email: formatted body, an attachment, contact details; it goes out through the SMTP sink and is sent", async () => {
       await anne.getByRole("button", { name: "New", exact: true }).click();
       await anne.getByRole("menuitem", { name: "Email" }).click();
       const d = anne.locator("#out-dialog");
       await d.getByRole("heading", { name: "New email" }).waitFor();
-      await d.getByLabel("Recipient email address").fill("kerry@example.com");
-      await d.getByLabel("Subject").fill("Your order");
+      assert.equal(await d.getByLabel("Sending channel").inputValue(), "mail-main");
+      assert.equal(await d.getByLabel("Sending channel").locator("option:checked").innerText(), "Email support@demo.example");
+      assert.ok(await d.locator("#out-nochannel").isHidden(), "the demo has an email channel");
+      // What is missing is said in words, before anything is sent.
+      await d.getByRole("button", { name: "Next" }).click();
+      await d.getByText("Give the recipient's email address. Give a subject. Write a message.").waitFor();
+      assert.equal(await d.getByLabel("Recipient email address").getAttribute("aria-invalid"), "true");
+      assert.ok(await d.getByLabel("Recipient email address").evaluate((el) => el === document.activeElement), "the first missing field has the focus");
+      await d.getByLabel("Recipient email address").fill("kerry@");
+      await d.getByRole("button", { name: "Next" }).click();
+      await d.getByText("The recipient is not an email address. Give a subject. Write a message.").waitFor();
+      const to = `kerry.${stamp}@example.com`;
+      const subject = `Your order ${stamp}`;
+      await d.getByLabel("Recipient email address").fill(to);
+      await d.getByLabel("Subject").fill(subject);
       await d.getByRole("textbox", { name: "Message" }).click();
       await anne.keyboard.type("Hello ");
       await d.getByRole("button", { name: "Bold" }).click();
       await anne.keyboard.type("Kerry");
+      await d.getByRole("button", { name: "Bold" }).click();
+      await anne.keyboard.type(", your invoice is attached.");
+      assert.match(await d.locator("#out-html").innerHTML(), /<b>Kerry<\/b>/);
+      await d.locator("#out-files").setInputFiles({ name: "invoice.pdf", mimeType: "application/pdf", buffer: Buffer.from("%PDF-1.4\n%demo\n") });
+      await d.locator("#out-file-list").getByText(/^invoice\.pdf \(\d+ B\)/).waitFor();
+      await shot(anne, "agent-outbound-email.png");
       await d.getByRole("button", { name: "Next" }).click();
+      await d.getByLabel("Name", { exact: true }).fill("Kerry Fisher");
+      await d.getByLabel("Related case").fill("CRM-42");
+      await d.getByLabel("My private notes").fill("Anne: sent the invoice");
       await d.getByRole("button", { name: "Save and send" }).click();
-      if (email) {
-        await anne.locator("#messages .msg.out").getByText("Hello Kerry").waitFor({ timeout: T });
-      } else {
-        await d.getByText("No email channel is set up yet; ask an administrator to add one.").waitFor();
-        await d.getByText("Please check the sending channel.").waitFor({ timeout: T });
-        await shot(anne, "agent-outbound-email.png");
-        await d.getByRole("button", { name: "Cancel" }).click();
-      }
+      const out = anne.locator("#messages .msg.out");
+      await out.getByText("Hello Kerry, your invoice is attached.").waitFor({ timeout: T });
+      await out.getByRole("link", { name: /invoice\.pdf/ }).waitFor();
+      await out.locator(".delivery", { hasText: "Sent" }).waitFor({ timeout: T });
+      assert.equal(await anne.locator("#thread-who").innerText(), "Kerry Fisher · Email support@demo.example");
+      assert.equal(await anne.locator("#thread-subject").innerText(), `Subject: ${subject}`);
+      await shot(anne, "agent-email-sent.png");
+      const n = Number((await anne.locator("#thread-title").innerText()).replace(/\D/g, ""));
+      const i = (await api("anne", "GET", `/api/v1/interactions/${n}`)).body;
+      assert.equal(i.channel.id, "mail-main");
+      assert.equal(i.digital_id, to);
+      assert.equal(i.subject, subject);
+      assert.equal(i.status, "resolved");
+      assert.equal(i.assigned_to, "anne");
+      assert.equal(i.related_case, "CRM-42");
+      assert.equal(i.messages[0].status, "sent");
+      assert.equal(i.messages[0].attachments[0].filename, "invoice.pdf");
+      // The SMTP sink took it: envelope, subject and attachment.
+      const sink = await (await fetch(`${base}/sandbox/smtp/messages`)).json();
+      const mail = sink.messages.find((m) => m.subject === subject);
+      assert.ok(mail, `the sink has the message: ${JSON.stringify(sink)}`);
+      assert.equal(mail.mail_from, "support@demo.example");
+      assert.deepEqual(mail.rcpt_to, [to]);
+      assert.deepEqual(mail.attachments, ["invoice.pdf"]);
+      const c = await api("anne", "GET", `/api/v1/interactions/${n}/contact`);
+      assert.equal(c.body.notes, "Anne: sent the invoice");
+    });
+
+    await t.test("a failed delivery shows its reason in words, and the interaction comes back open", async () => {
+      // The New menu by keyboard: Enter opens it on its first item, arrows move, Enter picks.
+      const focused = () => anne.evaluate(() => document.activeElement.textContent);
+      await anne.getByRole("button", { name: "New", exact: true }).focus();
+      await anne.keyboard.press("Enter");
+      await eventually("Email to have the focus", async () => (await focused()) === "Email");
+      await anne.keyboard.press("ArrowDown");
+      assert.equal(await focused(), "SMS");
+      await anne.keyboard.press("ArrowDown");
+      assert.equal(await focused(), "Email", "the arrows wrap around");
+      await anne.keyboard.press("End");
+      assert.equal(await focused(), "SMS");
+      await anne.keyboard.press("Enter");
+      const d = anne.locator("#out-dialog");
+      await d.getByRole("heading", { name: "New SMS" }).waitFor();
+      await d.getByLabel(/Mobile number/).fill("4155550188");
+      await d.getByRole("textbox", { name: "Message" }).fill("Your table is booked [sandbox:fail]");
+      await d.getByRole("button", { name: "Next" }).click();
+      await d.getByText("Give the mobile number in international form, e.g. +14155550123.").waitFor();
+      await d.getByLabel(/Mobile number/).fill("+14155550188");
+      await d.getByRole("button", { name: "Next" }).click();
+      await d.getByLabel("Name", { exact: true }).fill("Diana Barry");
+      await d.getByRole("button", { name: "Save and send" }).click();
+      const msg = anne.locator("#messages .msg.out", { hasText: "Your table is booked" });
+      await msg.waitFor({ timeout: T });
+      await msg.getByText("Not delivered: ErrorCode 30003: unreachable handset").waitFor({ timeout: T });
+      await msg.locator(".delivery", { hasText: "Failed" }).waitFor();
+      assert.match(await msg.getAttribute("class"), /failed/);
+      await eventually("Open", async () => (await anne.locator("#thread-status").innerText()) === "Open");
+      await shot(anne, "agent-failed-delivery.png");
+      const n = Number((await anne.locator("#thread-title").innerText()).replace(/\D/g, ""));
+      const i = (await api("anne", "GET", `/api/v1/interactions/${n}`)).body;
+      assert.equal(i.status, "open");
+      assert.equal(i.in_queue, true);
+      assert.equal(i.assigned_to, "anne");
+      assert.equal(i.messages[0].status, "failed");
+      // Twilio's test number for an invalid To is refused at once, in Twilio's words.
+      let r = await api("anne", "POST", "/api/v1/outbound/sms", { channel: "sms-main", to: "+15005550001", text: "Hi", contact: {} });
+      assert.equal(r.status, 202, JSON.stringify(r.body));
+      let failed = await eventually("the refused SMS to fail", async () => {
+        const m = (await api("anne", "GET", `/api/v1/interactions/${r.body.case_number}`)).body.messages[0];
+        return m.status === "failed" && m;
+      });
+      assert.match(failed.error, /21211.*is not a valid phone number/);
+      // Mail to fail.example is refused by the SMTP sink (550).
+      r = await api("anne", "POST", "/api/v1/outbound/email", { channel: "mail-main", to: "nobody@fail.example", subject: "Hi", text: "Hi", contact: {} });
+      assert.equal(r.status, 202, JSON.stringify(r.body));
+      failed = await eventually("the refused email to fail", async () => {
+        const m = (await api("anne", "GET", `/api/v1/interactions/${r.body.case_number}`)).body.messages[0];
+        return m.status === "failed" && m;
+      });
+      assert.match(failed.error, /550.*nobody@fail\.example/);
+    });
+
+    await t.test("a failed attachment download is marked in words, and can be tried again", async () => {
+      const text = `Photos of the damage ${stamp}`;
+      const form = new URLSearchParams({
+        MessageSid: `SM${stamp}0mms`, AccountSid: "AC00000000000000000000000000000000",
+        From: "+14155550199", To: "+14155550100", Body: text, NumMedia: "2",
+        MediaUrl0: `${base}/sandbox/media/missing-${stamp}.jpg`, MediaContentType0: "image/jpeg",
+        MediaUrl1: `${base}/sandbox/media/flaky-${stamp}.png`, MediaContentType1: "image/png",
+      });
+      const file = join(mkdtempSync(join(tmpdir(), "switchboard-mms-")), "mms.txt");
+      writeFileSync(file, form.toString());
+      await simulateFile("sms-main", file);
+      await anne.getByRole("button", { name: /Principal/ }).click();
+      await rowFor(anne, text).click();
+      const msg = anne.locator("#messages .msg.in", { hasText: text });
+      await msg.waitFor({ timeout: T });
+      assert.equal(await msg.locator(".att.failed").count(), 2);
+      await msg.getByText("attachment-1 could not be downloaded: the provider no longer has the file (HTTP 404).").waitFor();
+      await shot(anne, "agent-failed-attachment.png");
+      // The flaky one is there the second time.
+      await msg.getByRole("button", { name: "Try downloading attachment-2 again" }).click();
+      const img = msg.getByRole("img", { name: "attachment-2.png" });
+      await img.waitFor({ timeout: T });
+      await eventually("the image to load", () => img.evaluate((el) => el.complete && el.naturalWidth === 1));
+      await anne.getByText("attachment-2.png downloaded.").waitFor();
+      // The missing one is still missing, and the agent is told so.
+      await msg.getByRole("button", { name: "Try downloading attachment-1 again" }).click();
+      const alert = anne.locator("#error");
+      await alert.getByText("attachment-1 still could not be downloaded.").waitFor({ timeout: T });
+      await alert.getByRole("button", { name: "Close" }).click();
+      assert.equal(await msg.locator(".att.failed").count(), 1);
+      await anne.getByRole("button", { name: /Principal/ }).click();
     });
 
     await t.test("the language switch", async () => {
@@ -452,6 +590,19 @@ test("two agents work the digital inbox", async (t) => {
       await shot(bob, "agent-phone.png");
       await bob.getByRole("button", { name: "Back" }).click();
       await bob.locator("#list-pane").waitFor();
+      // The new email form fits a phone too.
+      await anne.setViewportSize({ width: 390, height: 844 });
+      await anne.getByRole("button", { name: "New", exact: true }).click();
+      await anne.getByRole("menuitem", { name: "Email" }).click();
+      const d = anne.locator("#out-dialog");
+      await d.getByRole("heading", { name: "New email" }).waitFor();
+      const box = await d.boundingBox();
+      assert.ok(box.x >= 0 && box.x + box.width <= 390, `the dialog fits the screen: ${JSON.stringify(box)}`);
+      assert.equal(await anne.evaluate(() => document.documentElement.scrollWidth > window.innerWidth + 1), false, "no horizontal scrolling");
+      await shot(anne, "agent-phone-email.png");
+      await anne.keyboard.press("Escape");
+      await d.waitFor({ state: "hidden" });
+      await anne.setViewportSize({ width: 1280, height: 860 });
     });
 
     await t.test("sign out", async () => {
