@@ -768,6 +768,33 @@ mod tests {
     }
 
     #[test]
+    fn check_config_lists_imap_problems() {
+        let doc = r#"
+[[queues]]
+id = "support"
+name = "Support"
+kind = "digital"
+
+[[channels]]
+id = "mail"
+kind = "email"
+queue = "support"
+address = "support@shop.example"
+imap = { host = "imap.example.com", port = "993", username = "u" }
+smtp = { port = 25 }
+"#;
+        let s = crate::config::Settings::from_toml_with_env(doc, Vec::new()).unwrap();
+        let p = s.problems();
+        for want in [
+            "channel mail: imap.port: not a port number",
+            "channel mail: imap.password: missing",
+            "channel mail: smtp.host: missing",
+        ] {
+            assert!(p.iter().any(|l| l == want), "{want} in {p:?}");
+        }
+    }
+
+    #[test]
     fn the_cursor_round_trips() {
         let c = Cursor {
             mailbox: "INBOX".into(),

@@ -1,13 +1,16 @@
-//! Email (providers.md A7): raw RFC 5322 over HTTP in (Standard Webhooks
-//! signed with the channel's `inbound_secret`), parsed by [`parse`].
+//! Email (providers.md A7): the channel's mailbox polled over IMAP
+//! ([`imap`]) and/or raw RFC 5322 over HTTP (Standard Webhooks signed with
+//! the channel's `inbound_secret`), parsed by [`parse`].
 //!
-//! | part | status |
+//! | part | where |
 //! | --- | --- |
 //! | parsing: charsets, RFC 2047/2231, text/HTML (sanitized), attachments, oversize, auto-replies, bounces | [`parse`] |
 //! | HTTP intake: signature and 5-minute window | [`EmailChannel::verify`] |
+//! | IMAP polling: read-only (`EXAMINE`, `BODY.PEEK[]`), UID/UIDVALIDITY cursor, IDLE, quarantine, one poller per mailbox | [`imap`] |
+//! | into the gateway: text, sanitized `html`, attachments and inline images (`InboundMessage::files`), the raw message (`InboundMessage::raw`) | [`EmailChannel::inbound_from_raw`] |
 //! | threading | the thread's Message-IDs go to the gateway in `InboundMessage::thread_refs` (In-Reply-To first, then References newest first, then the reply token of our `Reply-To`) |
 //! | SMTP sending with lettre | [`send`] |
-//! | IMAP polling, inbound attachments into the gateway | not yet |
+//! | check-config: address, inbound_secret, smtp, imap | [`config_problems`] |
 //!
 //! Identifiers: a customer message's provider ID is its Message-ID without
 //! brackets (or `sha256:<hex>` of the raw bytes when it has none), so the
