@@ -646,6 +646,47 @@ on_both_stores!(
     outbound_email_reaches_smtp_and_the_answer_threads_back,
 );
 
+/// If this breaks, two gateway processes on one Redis both poll the same
+/// mailbox (twice the load on the customer's mail server, racing each other).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_redis_one_process_polls_a_mailbox() {
+    let dovecot = Dovecot::start();
+    let smtp = SmtpServer::start();
+    let mut user = dovecot.user().await;
+    user.create(MAILBOX).await;
+    let a = start(Backend::Redis, &dovecot, &smtp).await;
+    let prefix = a.prefix.clone();
+    let b = TestApp::start_with(
+        Backend::Redis,
+        &email_channel(&dovecot.channel_imap(1), smtp.port),
+        |s| s.store.key_prefix = prefix,
+    )
+    .await;
+    for n in 0..5 {
+        user.append(
+            MAILBOX,
+            &simple(
+                "kim@example.org",
+                &format!("two-{n}@example.org"),
+                "Hi",
+                "",
+                "hello",
+            ),
+        )
+        .await;
+    }
+    wait_inbound(&a, 5, &dovecot).await;
+    assert_eq!(inbound(&b).await.len(), 5, "both processes see one store");
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // Dovecot logs every login: the test's own and one poller's, not two.
+    let log = dovecot.log();
+    let logins = log
+        .lines()
+        .filter(|l| l.contains("Login: user=<support>"))
+        .count();
+    assert_eq!(logins, 2, "{log}");
+}
+
 /// If this breaks, a gateway killed while it works through the mailbox
 /// loses mail or stores some twice when it comes back.
 async fn a_killed_poller_resumes_without_loss_or_duplicates(backend: &str) {
