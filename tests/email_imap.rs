@@ -646,6 +646,65 @@ on_both_stores!(
     outbound_email_reaches_smtp_and_the_answer_threads_back,
 );
 
+/// If this breaks, mail servers reached over TLS cannot be polled, or are
+/// trusted without checking their certificate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn imap_over_implicit_tls_checks_the_certificate() {
+    let dovecot = Dovecot::start_tls();
+    let smtp = SmtpServer::start();
+    let mut user = dovecot.user().await;
+    user.create(MAILBOX).await;
+    user.append(
+        MAILBOX,
+        &simple("kim@example.org", "tls-1@example.org", "Hi", "", "over TLS"),
+    )
+    .await;
+    let imap = |ca: &str| {
+        format!(
+            r#"{{ host = "127.0.0.1", port = {}, tls = true, username = "{}", password = "{}", mailbox = "{MAILBOX}", poll_seconds = 1{ca} }}"#,
+            dovecot.tls_port.unwrap(),
+            email_support::IMAP_USER,
+            email_support::IMAP_PASSWORD,
+        )
+    };
+    // A certificate from an unknown CA is refused: nothing is read.
+    let app = TestApp::start_with(
+        Backend::Embedded,
+        &email_channel(&imap(""), smtp.port),
+        |_| {},
+    )
+    .await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while metric(&app, "switchboard_imap_errors_total")
+        .await
+        .unwrap_or(0.0)
+        < 1.0
+    {
+        assert!(Instant::now() < deadline, "no IMAP error counted");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(inbound(&app).await.is_empty());
+    drop(app);
+    // Trusting the server's CA (`ca_file`), it polls over TLS.
+    let ca = format!(", ca_file = \"{}\"", dovecot.ca_file().display());
+    let app = TestApp::start_with(
+        Backend::Embedded,
+        &email_channel(&imap(&ca), smtp.port),
+        |_| {},
+    )
+    .await;
+    let got = wait_inbound(&app, 1, &dovecot).await;
+    assert_eq!(got["tls-1@example.org"].1["text"], "over TLS");
+    // Dovecot saw our client refuse its certificate, then a login over TLS.
+    let log = dovecot.log();
+    assert!(log.contains("alert unknown ca"), "{log}");
+    assert!(
+        log.lines()
+            .any(|l| l.contains("Login: user=<support>") && l.contains(", TLS,")),
+        "{log}"
+    );
+}
+
 /// If this breaks, two gateway processes on one Redis both poll the same
 /// mailbox (twice the load on the customer's mail server, racing each other).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -127,12 +127,104 @@ fn id_of(flag: &str) -> String {
 /// as another user it runs as that user.
 pub struct Dovecot {
     pub port: u16,
+    /// The implicit TLS port, when started with [`Dovecot::start_tls`].
+    pub tls_port: Option<u16>,
     pub dir: tempfile::TempDir,
     child: Child,
 }
 
+fn openssl(dir: &Path, args: &[&str]) {
+    let out = Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("openssl is missing: run scripts/email-servers.sh");
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A test CA (`ca.pem`) and a certificate for 127.0.0.1 signed by it
+/// (`cert.pem`, `key.pem`), made with the openssl command.
+fn make_certificates(dir: &Path) {
+    openssl(
+        dir,
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.pem",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=Switchboard test CA",
+        ],
+    );
+    openssl(
+        dir,
+        &[
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            "key.pem",
+            "-out",
+            "leaf.csr",
+            "-subj",
+            "/CN=127.0.0.1",
+        ],
+    );
+    std::fs::write(
+        dir.join("leaf.ext"),
+        "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\nkeyUsage=digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth\n",
+    )
+    .unwrap();
+    openssl(
+        dir,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            "leaf.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            "cert.pem",
+            "-days",
+            "2",
+            "-extfile",
+            "leaf.ext",
+        ],
+    );
+}
+
 impl Dovecot {
     pub fn start() -> Dovecot {
+        Dovecot::launch(false)
+    }
+
+    /// With an implicit TLS listener too, its certificate signed by the
+    /// test CA at [`Dovecot::ca_file`].
+    pub fn start_tls() -> Dovecot {
+        Dovecot::launch(true)
+    }
+
+    pub fn ca_file(&self) -> PathBuf {
+        self.dir.path().join("ca.pem")
+    }
+
+    fn launch(tls: bool) -> Dovecot {
         let bin = ["/usr/sbin/dovecot", "/usr/local/sbin/dovecot"]
             .into_iter()
             .find(|p| Path::new(p).exists())
@@ -165,6 +257,20 @@ impl Dovecot {
         )
         .unwrap();
         let port = free_port();
+        let tls_port = tls.then(free_port);
+        let (ssl, imaps) = match tls_port {
+            Some(p) => {
+                make_certificates(d);
+                (
+                    format!(
+                        "ssl = yes\nssl_cert = <{d}/cert.pem\nssl_key = <{d}/key.pem",
+                        d = d.display()
+                    ),
+                    format!("address = 127.0.0.1\n    port = {p}\n    ssl = yes"),
+                )
+            }
+            None => ("ssl = no".to_string(), "port = 0".to_string()),
+        };
         let conf = format!(
             r#"
 base_dir = {d}/run
@@ -173,7 +279,7 @@ instance_name = sbtest-{port}
 log_path = {d}/dovecot.log
 protocols = imap
 listen = 127.0.0.1
-ssl = no
+{ssl}
 disable_plaintext_auth = no
 auth_mechanisms = plain login
 default_internal_user = {internal}
@@ -196,7 +302,7 @@ service imap-login {{
     port = {port}
   }}
   inet_listener imaps {{
-    port = 0
+    {imaps}
   }}
 }}
 service anvil {{
@@ -221,7 +327,12 @@ service anvil {{
             .stderr(Stdio::piped())
             .spawn()
             .expect("starting dovecot");
-        let server = Dovecot { port, dir, child };
+        let server = Dovecot {
+            port,
+            tls_port,
+            dir,
+            child,
+        };
         for _ in 0..200 {
             if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
                 return server;

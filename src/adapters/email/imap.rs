@@ -64,6 +64,22 @@ pub struct ImapSettings {
     pub password: String,
     pub mailbox: String,
     pub poll_seconds: u64,
+    /// Certificates (PEM) trusted besides the web PKI roots, for a mail
+    /// server with a private CA (`imap.ca_file`).
+    pub extra_roots: Vec<rustls::pki_types::CertificateDer<'static>>,
+}
+
+/// Reads the certificates of a PEM file.
+fn read_roots(path: &str) -> Result<Vec<rustls::pki_types::CertificateDer<'static>>, String> {
+    use rustls::pki_types::pem::PemObject;
+    let bytes = std::fs::read(path).map_err(|e| format!("cannot read {path}: {e}"))?;
+    let certs = rustls::pki_types::CertificateDer::pem_slice_iter(&bytes)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("{path}: not PEM certificates: {e}"))?;
+    if certs.is_empty() {
+        return Err(format!("{path}: no certificate in it"));
+    }
+    Ok(certs)
 }
 
 impl std::fmt::Debug for ImapSettings {
@@ -102,6 +118,7 @@ impl ImapSettings {
                 "password",
                 "mailbox",
                 "poll_seconds",
+                "ca_file",
             ]
             .contains(&k.as_str())
             {
@@ -127,6 +144,15 @@ impl ImapSettings {
         let username = text("username", true);
         let password = text("password", true);
         let mailbox = text("mailbox", false).unwrap_or_else(|| "INBOX".into());
+        let ca_file = text("ca_file", false);
+        let extra_roots = match ca_file.as_deref().map(read_roots) {
+            None => vec![],
+            Some(Ok(certs)) => certs,
+            Some(Err(e)) => {
+                problems.push(format!("channel {id}: imap.ca_file: {e}"));
+                vec![]
+            }
+        };
         let tls = match t.get("tls") {
             None | Some(toml::Value::Boolean(true)) => true,
             Some(toml::Value::Boolean(false)) => false,
@@ -187,6 +213,7 @@ impl ImapSettings {
                     password,
                     mailbox,
                     poll_seconds,
+                    extra_roots,
                 }))
             }
             _ => Err(problems),
@@ -249,9 +276,14 @@ impl AsyncWrite for ImapStream {
 
 pub type ImapSession = Session<ImapStream>;
 
-fn tls_config() -> Result<rustls::ClientConfig, String> {
+fn tls_config(s: &ImapSettings) -> Result<rustls::ClientConfig, String> {
     let mut roots = rustls::RootCertStore::empty();
     roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+    for c in &s.extra_roots {
+        roots
+            .add(c.clone())
+            .map_err(|e| format!("imap.ca_file: {e}"))?;
+    }
     Ok(rustls::ClientConfig::builder_with_provider(Arc::new(
         rustls::crypto::ring::default_provider(),
     ))
@@ -281,7 +313,7 @@ pub async fn connect(s: &ImapSettings) -> Result<ImapSession, String> {
     let stream = if s.tls {
         let name = rustls::pki_types::ServerName::try_from(s.host.clone())
             .map_err(|e| format!("imap.host {}: {e}", s.host))?;
-        let connector = tokio_rustls::TlsConnector::from(Arc::new(tls_config()?));
+        let connector = tokio_rustls::TlsConnector::from(Arc::new(tls_config(s)?));
         ImapStream::Tls(Box::new(
             timed("TLS handshake", connector.connect(name, tcp)).await?,
         ))
@@ -749,7 +781,7 @@ mod tests {
         assert!(!format!("{s:?}").contains("\"p\""), "no password in logs");
 
         let p = ImapSettings::from_config(&cfg(
-            r#"{port = 70000, tls = "starttls", poll_seconds = 0, folder = "x"}"#,
+            r#"{port = 70000, tls = "starttls", poll_seconds = 0, folder = "x", ca_file = "/nonexistent/ca.pem"}"#,
         ))
         .unwrap_err();
         for want in [
@@ -760,6 +792,7 @@ mod tests {
             "imap.tls: starttls",
             "imap.poll_seconds",
             "imap.folder: unknown key",
+            "imap.ca_file: cannot read /nonexistent/ca.pem",
         ] {
             assert!(p.iter().any(|l| l.contains(want)), "{want} in {p:?}");
         }
