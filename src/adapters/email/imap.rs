@@ -49,6 +49,8 @@ const OP_TIMEOUT: Duration = Duration::from_secs(60);
 /// Wait before retrying a message that failed (it is retried sooner than
 /// the next poll so a transient failure costs little).
 const RETRY_DELAY: Duration = Duration::from_millis(500);
+/// How long a shutdown waits for the message in hand.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 /// Most quarantine records listed under `email-quarantine:{channel}`.
 const QUARANTINE_LIST_MAX: usize = 1000;
 
@@ -464,9 +466,25 @@ impl Poller {
                 }
                 continue;
             }
-            match self.session().await {
+            let started = tokio::time::Instant::now();
+            // Shutdown is noticed between messages and in every wait; a
+            // network call that hangs gets a short grace, then is dropped
+            // (the cursor has not moved past what it was doing).
+            let session = self.session();
+            tokio::pin!(session);
+            let result = tokio::select! {
+                r = &mut session => r,
+                _ = async {
+                    self.shutdown.cancelled().await;
+                    tokio::time::sleep(SHUTDOWN_GRACE).await;
+                } => Ok(()),
+            };
+            match result {
                 Ok(()) => break,
                 Err(e) => {
+                    if started.elapsed() > Duration::from_secs(60) {
+                        failures = 0;
+                    }
                     failures += 1;
                     self.gateway.metrics.imap_error();
                     let delay = crate::outbox::backoff(failures)
