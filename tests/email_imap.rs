@@ -692,6 +692,9 @@ async fn imap_over_implicit_tls_checks_the_certificate() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert!(inbound(&app).await.is_empty());
+    let (s, v) = app.get(ANNE, "/readyz").await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(v["channels"]["mail"], "imap_failing", "{v}");
     drop(app);
     // Trusting the server's CA (`ca_file`), it polls over TLS.
     let ca = format!(", ca_file = \"{}\"", dovecot.ca_file().display());

@@ -17,6 +17,9 @@
 //!   waits.
 //! - IDLE where the server offers it (re-issued every [`LEASE_RENEW`]),
 //!   else a poll every `poll_seconds`.
+//! - A connection, login or session failure is retried with backoff, counted
+//!   in `switchboard_imap_errors_total` and shown as the channel's health
+//!   `imap_failing` (in `/readyz`) until a pass succeeds again.
 //! - One poller per mailbox across processes: on Redis it holds the store
 //!   lease `imap:{channel}` while it works and renews it. The embedded store
 //!   is one process by construction (its file is locked), so it needs none
@@ -49,6 +52,8 @@ const OP_TIMEOUT: Duration = Duration::from_secs(60);
 /// Wait before retrying a message that failed (it is retried sooner than
 /// the next poll so a transient failure costs little).
 const RETRY_DELAY: Duration = Duration::from_millis(500);
+/// The channel health while the mailbox cannot be polled.
+pub const IMAP_FAILING: &str = "imap_failing";
 /// How long a shutdown waits for the message in hand.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 /// Most quarantine records listed under `email-quarantine:{channel}`.
@@ -486,6 +491,13 @@ impl Poller {
                         failures = 0;
                     }
                     failures += 1;
+                    // Shown in /readyz and the agents' channel list until a
+                    // pass succeeds again (a needs_reauth stays as it is).
+                    if self.gateway.channel_health(&self.channel_id).await == "ok" {
+                        self.gateway
+                            .set_channel_health(&self.channel_id, IMAP_FAILING)
+                            .await;
+                    }
                     self.gateway.metrics.imap_error();
                     let delay = crate::outbox::backoff(failures)
                         .min(Duration::from_secs(self.settings.poll_seconds.max(5)));
@@ -506,12 +518,21 @@ impl Poller {
         let caps = timed("CAPABILITY", session.capabilities()).await?;
         let idle = caps.has_str("IDLE");
         let wait = Duration::from_secs(self.settings.poll_seconds);
+        let mut healthy = false;
         loop {
             if self.shutdown.is_cancelled() {
                 let _ = tokio::time::timeout(Duration::from_secs(2), session.logout()).await;
                 return Ok(());
             }
             let pending = self.pass(&mut session).await?;
+            if !healthy {
+                healthy = true;
+                if self.gateway.channel_health(&self.channel_id).await == IMAP_FAILING {
+                    self.gateway
+                        .set_channel_health(&self.channel_id, "ok")
+                        .await;
+                }
+            }
             if self.shutdown.is_cancelled() {
                 continue;
             }
