@@ -397,7 +397,7 @@ enum Outcome {
 /// The poller of one channel's mailbox. Runs until `shutdown`.
 pub struct Poller {
     gateway: Arc<Gateway>,
-    channel: EmailChannel,
+    channel: Arc<EmailChannel>,
     channel_id: String,
     settings: ImapSettings,
     owner: String,
@@ -414,7 +414,7 @@ impl Poller {
     ) -> Result<Poller, String> {
         Ok(Poller {
             gateway,
-            channel: EmailChannel::new(cfg)?,
+            channel: Arc::new(EmailChannel::new(cfg)?),
             channel_id: cfg.id.clone(),
             settings,
             owner,
@@ -685,14 +685,22 @@ impl Poller {
             // Expunged by someone else meanwhile: nothing to store.
             return Ok(Outcome::Done);
         };
-        let result = match self.channel.inbound_from_raw(&raw) {
+        // Parsing a large message is CPU work: off the async workers (and a
+        // parser panic counts as a failure of this message, not of the poller).
+        let (channel, bytes) = (self.channel.clone(), raw.clone());
+        let parsed =
+            match tokio::task::spawn_blocking(move || channel.inbound_from_raw(&bytes)).await {
+                Ok(r) => r.map_err(|e| e.to_string()),
+                Err(e) => Err(format!("the parser failed: {e}")),
+            };
+        let result = match parsed {
             Ok(items) => self
                 .gateway
                 .receive_direct(&self.channel_id, items)
                 .await
                 .map(|_| ())
                 .map_err(|e| ("refused", e.to_string())),
-            Err(e) => Err(("unparsable", e.to_string())),
+            Err(e) => Err(("unparsable", e)),
         };
         let (reason, error) = match result {
             Ok(()) => return Ok(Outcome::Done),
