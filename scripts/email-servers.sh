@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
 # Installs the mail servers the email tests start themselves (never the
-# system services): Dovecot's IMAP server from Debian, and Python's aiosmtpd
-# in a virtual environment at target/email-venv (SWITCHBOARD_TEST_SMTP_PYTHON
-# names its interpreter). Idempotent: installs only what is missing.
+# system services): Dovecot's IMAP server from Debian (the tests give it its
+# own configuration, users and mail in a tempdir, on a free port), the
+# openssl command (a test CA and certificate for IMAP over TLS), and Python's
+# aiosmtpd in a virtual environment at target/email-venv
+# (SWITCHBOARD_TEST_SMTP_PYTHON names its interpreter). Idempotent: installs
+# only what is missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -15,6 +18,11 @@ if ! command -v dovecot >/dev/null 2>&1 && [ ! -x /usr/sbin/dovecot ]; then
   sudo_ chmod +x /usr/sbin/policy-rc.d
   DEBIAN_FRONTEND=noninteractive sudo_ apt-get install -y --no-install-recommends dovecot-imapd
   sudo_ rm -f /usr/sbin/policy-rc.d
+fi
+
+if ! command -v openssl >/dev/null 2>&1; then
+  sudo_ apt-get update
+  DEBIAN_FRONTEND=noninteractive sudo_ apt-get install -y --no-install-recommends openssl
 fi
 
 venv=target/email-venv

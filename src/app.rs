@@ -246,6 +246,26 @@ impl Application {
             workers.push(tokio::spawn(sink.run(shutdown.clone())));
         }
         let owner = crate::domain::new_id();
+        // IMAP polling of every email channel with `imap` (one poller per
+        // mailbox across processes: each holds a lease in the store).
+        for c in &settings.channels {
+            if c.kind != ChannelKind::Email {
+                continue;
+            }
+            if let Some(imap) = crate::adapters::email::imap::ImapSettings::from_config(c)
+                .map_err(|p| anyhow::anyhow!(p.join("\n")))?
+            {
+                let poller = crate::adapters::email::imap::Poller::new(
+                    gateway.clone(),
+                    c,
+                    imap,
+                    owner.clone(),
+                    shutdown.clone(),
+                )
+                .map_err(anyhow::Error::msg)?;
+                workers.push(tokio::spawn(poller.run()));
+            }
+        }
         for (i, sink) in settings.event_sinks.iter().enumerate() {
             workers.push(tokio::spawn(crate::routing::run_sink(
                 gateway.clone(),

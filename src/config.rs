@@ -411,6 +411,9 @@ impl Settings {
                 }
             }
             p.extend(crate::manifest::check_channel(c));
+            if c.kind == crate::domain::ChannelKind::Email {
+                p.extend(crate::adapters::email::config_problems(c));
+            }
         }
         p
     }

@@ -246,6 +246,7 @@ impl Gateway {
                         error: None,
                         source_url: Some(media.url.clone()).filter(|u| !u.is_empty()),
                         source_media_id: media.media_id.clone(),
+                        content_id: None,
                     }),
                     Err(e) => Err(e.to_string()),
                 }
@@ -270,6 +271,71 @@ impl Gateway {
             out.push(self.fetch_media(ch, media, new_id(), &name, left).await);
         }
         out
+    }
+
+    /// Stores what a message carried itself (email): its files, oversize
+    /// ones recorded as `omitted` with their size, inline images linked from
+    /// the HTML by their `Content-ID`, and the raw message for audit.
+    /// Answers the raw message's entry and the HTML to keep.
+    async fn store_carried(
+        &self,
+        m: &InboundMessage,
+        attachments: &mut Vec<Attachment>,
+    ) -> GResult<(Option<Attachment>, Option<String>)> {
+        let mut html = m.html.clone();
+        for f in &m.files {
+            let mut a = Attachment {
+                id: new_id(),
+                filename: f.filename.clone(),
+                content_type: f.content_type.clone(),
+                size: f.bytes.len() as u64,
+                state: "stored".into(),
+                error: None,
+                source_url: None,
+                source_media_id: None,
+                content_id: f.content_id.clone(),
+            };
+            match f.omitted_size {
+                Some(size) => {
+                    a.size = size;
+                    a.state = "omitted".into();
+                    a.error = Some(format!(
+                        "{size} bytes, over the {} MiB limit",
+                        MAX_ATTACHMENT_BYTES / (1024 * 1024)
+                    ));
+                }
+                None => {
+                    self.store.put_blob(&a.id, &f.bytes).await?;
+                    if let (Some(h), Some(cid)) = (html.as_mut(), &f.content_id) {
+                        *h = crate::adapters::email::parse::link_inline(
+                            h,
+                            cid,
+                            &format!("/api/v1/attachments/{}", a.id),
+                        );
+                    }
+                }
+            }
+            attachments.push(a);
+        }
+        let raw = match &m.raw {
+            Some(bytes) => {
+                let id = new_id();
+                self.store.put_blob(&id, bytes).await?;
+                Some(Attachment {
+                    id,
+                    filename: "message.eml".into(),
+                    content_type: "message/rfc822".into(),
+                    size: bytes.len() as u64,
+                    state: "stored".into(),
+                    error: None,
+                    source_url: None,
+                    source_media_id: None,
+                    content_id: None,
+                })
+            }
+            None => None,
+        };
+        Ok((raw, html))
     }
 
     /// Tries a failed download again (an agent asked to), keeping the attachment's ID.
@@ -350,7 +416,8 @@ impl Gateway {
         if self.store.lookup(&claim_key).await?.is_some() {
             return Ok(false);
         }
-        let attachments = self.download_media(ch, &m).await;
+        let mut attachments = self.download_media(ch, &m).await;
+        let (raw, html) = self.store_carried(&m, &mut attachments).await?;
         let aliases: Vec<DigitalId> = m
             .aliases
             .iter()
@@ -478,10 +545,13 @@ impl Gateway {
                 reactions: vec![],
                 retracted: false,
                 kind: m.kind.clone(),
+                html: html.clone(),
+                raw: raw.clone(),
             };
             let events = interaction.receive(msg, now, created);
             let case_number = interaction.case_number;
             index.extend(attachment_index(case_number, &message_id, &attachments));
+            index.extend(attachment_index(case_number, &message_id, raw.as_slice()));
             let commit = Commit {
                 contact: Some(contact),
                 interaction: Some(interaction),
@@ -847,6 +917,8 @@ impl Gateway {
                 reactions: vec![],
                 retracted: false,
                 kind: Some("sent_elsewhere".into()),
+                html: None,
+                raw: None,
             };
             let event = crate::domain::EventDraft {
                 kind: "message.sent".into(),
@@ -1300,6 +1372,7 @@ impl Gateway {
                 error: None,
                 source_url: None,
                 source_media_id: None,
+                content_id: None,
             });
         }
         Ok(out)
@@ -1332,6 +1405,8 @@ impl Gateway {
             reactions: vec![],
             retracted: false,
             kind: None,
+            html: None,
+            raw: None,
         }
     }
 
@@ -1900,6 +1975,7 @@ fn failed_attachment(
         error: Some(error),
         source_url: Some(media.url.clone()).filter(|u| !u.is_empty()),
         source_media_id: media.media_id.clone(),
+        content_id: None,
     }
 }
 

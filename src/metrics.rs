@@ -13,6 +13,8 @@ pub struct Metrics {
     deliveries: IntCounterVec,
     pub outbox_depth: IntGauge,
     channels_unhealthy: prometheus::IntGaugeVec,
+    email_quarantined: IntCounterVec,
+    imap_errors: prometheus::IntCounter,
 }
 
 impl Default for Metrics {
@@ -64,16 +66,38 @@ impl Metrics {
             &["kind", "state"],
         )
         .expect("valid metric");
+        let email_quarantined = IntCounterVec::new(
+            Opts::new(
+                "switchboard_email_quarantined_total",
+                "Polled emails that could not be stored and were quarantined, by reason (unparsable, refused, too_large)",
+            ),
+            &["reason"],
+        )
+        .expect("valid metric");
+        let imap_errors = prometheus::IntCounter::new(
+            "switchboard_imap_errors_total",
+            "IMAP connections or sessions that failed (the poller reconnects with backoff)",
+        )
+        .expect("valid metric");
         let outbox_depth =
             IntGauge::new("switchboard_outbox_depth", "Replies waiting in the outbox")
                 .expect("valid metric");
-        for c in [&received, &rejected, &deduplicated, &deliveries] {
+        for c in [
+            &received,
+            &rejected,
+            &deduplicated,
+            &deliveries,
+            &email_quarantined,
+        ] {
             registry
                 .register(Box::new(c.clone()))
                 .expect("unique metric");
         }
         registry
             .register(Box::new(outbox_depth.clone()))
+            .expect("unique metric");
+        registry
+            .register(Box::new(imap_errors.clone()))
             .expect("unique metric");
         registry
             .register(Box::new(channels_unhealthy.clone()))
@@ -86,7 +110,17 @@ impl Metrics {
             deliveries,
             outbox_depth,
             channels_unhealthy,
+            email_quarantined,
+            imap_errors,
         }
+    }
+
+    /// `reason`: `unparsable`, `refused` or `too_large`.
+    pub fn email_quarantined(&self, reason: &'static str) {
+        self.email_quarantined.with_label_values(&[reason]).inc();
+    }
+    pub fn imap_error(&self) {
+        self.imap_errors.inc();
     }
 
     pub fn webhook_received(&self, kind: ChannelKind) {

@@ -68,6 +68,8 @@ fn inbound(id: &str, text: &str, at: DateTime<Utc>) -> Message {
         reactions: vec![],
         retracted: false,
         kind: None,
+        html: None,
+        raw: None,
     }
 }
 
@@ -87,6 +89,8 @@ fn outbound(id: &str, text: &str, at: DateTime<Utc>) -> Message {
         reactions: vec![],
         retracted: false,
         kind: None,
+        html: None,
+        raw: None,
     }
 }
 

@@ -75,6 +75,17 @@ async fn http_intake_verifies_and_dedupes(b: Backend) {
         messages(&i)[0]["text"],
         "Bonjour, où est ma commande ? 📦\nMerci"
     );
+    // The raw message is kept for audit, as it was posted.
+    let raw_id = messages(&i)[0]["raw"]["id"].as_str().unwrap().to_string();
+    let r = app
+        .http
+        .get(format!("{}/api/v1/attachments/{raw_id}", app.url))
+        .bearer_auth(ANNE)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.bytes().await.unwrap().to_vec(), raw);
 
     // The same message again (a mail server's retry): stored once.
     let (s, _) = post_mail(&app, &raw, 0).await;

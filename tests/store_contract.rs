@@ -170,6 +170,8 @@ fn inbound(text: &str, now: DateTime<Utc>) -> Message {
         reactions: vec![],
         retracted: false,
         kind: None,
+        html: None,
+        raw: None,
     }
 }
 

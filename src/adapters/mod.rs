@@ -98,6 +98,20 @@ pub struct MediaRef {
     pub media_id: Option<String>,
 }
 
+/// A file that came inside the message itself (email parts), so there is
+/// nothing to download: the gateway stores the bytes as they are.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct InboundFile {
+    pub filename: String,
+    pub content_type: String,
+    /// The part's `Content-ID` without brackets (inline images).
+    pub content_id: Option<String>,
+    pub bytes: Vec<u8>,
+    /// The file was over the 10 MiB limit: `bytes` is empty and it is
+    /// recorded as omitted with this real size.
+    pub omitted_size: Option<u64>,
+}
+
 /// What SMS keywords do to a contact's consent.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Consent {
@@ -127,6 +141,10 @@ pub struct InboundMessage {
     /// The provider's timestamp (or the receive time where it gives none).
     pub sent_at: DateTime<Utc>,
     pub media: Vec<MediaRef>,
+    /// Files carried in the message itself (email), stored as they are.
+    pub files: Vec<InboundFile>,
+    /// Email: the raw message, kept in the blob store for audit.
+    pub raw: Option<Vec<u8>>,
     pub consent: Option<Consent>,
     /// Email: the subject.
     pub subject: Option<String>,

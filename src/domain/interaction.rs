@@ -92,8 +92,9 @@ pub struct Attachment {
     pub filename: String,
     pub content_type: String,
     pub size: u64,
-    /// `stored`, or `failed` when the download from the provider failed
-    /// (the agent sees it rather than a silently missing file).
+    /// `stored`, `failed` when the download from the provider failed
+    /// (the agent sees it rather than a silently missing file), or `omitted`
+    /// when it was over the 10 MiB limit (`size` is then its real size).
     #[serde(default = "stored")]
     pub state: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -105,6 +106,9 @@ pub struct Attachment {
     /// The provider's media ID, for providers that serve media by ID (WhatsApp); never shown.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub source_media_id: Option<String>,
+    /// Email: the part's `Content-ID` (without brackets), for inline images.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub content_id: Option<String>,
 }
 
 fn stored() -> String {
@@ -145,6 +149,14 @@ pub struct Message {
     /// What it was when not plain text or media (`location`, `unsupported`, ...).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kind: Option<String>,
+    /// Email: the sanitized HTML body (never the raw HTML); inline images
+    /// point at `/api/v1/attachments/{id}`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub html: Option<String>,
+    /// Email: the message exactly as received (`message/rfc822`), kept for
+    /// audit and downloadable like an attachment.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub raw: Option<Attachment>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

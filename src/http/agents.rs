@@ -608,10 +608,11 @@ async fn attachment(
         .and_then(|v| parse_target(&v))
         .ok_or_else(|| ApiError::not_found(format!("no attachment {path}")))?;
     let i = g.visible(&actor, target.0).await?;
+    // An email's raw message is downloadable like its attachments.
     let att = i
         .messages
         .iter()
-        .flat_map(|m| m.attachments.iter())
+        .flat_map(|m| m.attachments.iter().chain(m.raw.iter()))
         .find(|a| a.id == *path)
         .cloned()
         .ok_or_else(|| ApiError::not_found(format!("no attachment {path}")))?;

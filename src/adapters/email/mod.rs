@@ -1,13 +1,16 @@
-//! Email (providers.md A7): raw RFC 5322 over HTTP in (Standard Webhooks
-//! signed with the channel's `inbound_secret`), parsed by [`parse`].
+//! Email (providers.md A7): the channel's mailbox polled over IMAP
+//! ([`imap`]) and/or raw RFC 5322 over HTTP (Standard Webhooks signed with
+//! the channel's `inbound_secret`), parsed by [`parse`].
 //!
-//! | part | status |
+//! | part | where |
 //! | --- | --- |
 //! | parsing: charsets, RFC 2047/2231, text/HTML (sanitized), attachments, oversize, auto-replies, bounces | [`parse`] |
 //! | HTTP intake: signature and 5-minute window | [`EmailChannel::verify`] |
+//! | IMAP polling: read-only (`EXAMINE`, `BODY.PEEK[]`), UID/UIDVALIDITY cursor, IDLE, quarantine, one poller per mailbox | [`imap`] |
+//! | into the gateway: text, sanitized `html`, attachments and inline images (`InboundMessage::files`), the raw message (`InboundMessage::raw`) | [`EmailChannel::inbound_from_raw`] |
 //! | threading | the thread's Message-IDs go to the gateway in `InboundMessage::thread_refs` (In-Reply-To first, then References newest first, then the reply token of our `Reply-To`) |
 //! | SMTP sending with lettre | [`send`] |
-//! | IMAP polling, inbound attachments into the gateway | not yet |
+//! | check-config: address, inbound_secret, smtp, imap | [`config_problems`] |
 //!
 //! Identifiers: a customer message's provider ID is its Message-ID without
 //! brackets (or `sha256:<hex>` of the raw bytes when it has none), so the
@@ -16,12 +19,13 @@
 //! `{local}+{token}@{domain}`, so a reply token leads back to the same
 //! `out:{channel}:{token}@{domain}` entry the gateway writes for every send.
 
+pub mod imap;
 pub mod parse;
 pub mod send;
 
 use super::{
-    DeliveryError, Inbound, InboundMessage, IntakeError, Outbound, OutgoingMessage, RawRequest,
-    SendReceipt, SimulatedRequest, StatusUpdate, Verified, WebhookAck, WebhookIntake,
+    DeliveryError, Inbound, InboundFile, InboundMessage, IntakeError, Outbound, OutgoingMessage,
+    RawRequest, SendReceipt, SimulatedRequest, StatusUpdate, Verified, WebhookAck, WebhookIntake,
 };
 use crate::config::ChannelConfig;
 use crate::domain::DeliveryStatus;
@@ -165,6 +169,27 @@ impl EmailChannel {
                 o.size
             ));
         }
+        let mut files: Vec<InboundFile> = p
+            .attachments
+            .iter()
+            .enumerate()
+            .map(|(n, a)| InboundFile {
+                filename: a.filename.clone().unwrap_or_else(|| {
+                    super::media::filename_for(&format!("attachment-{}", n + 1), &a.content_type)
+                }),
+                content_type: a.content_type.clone(),
+                content_id: a.content_id.clone(),
+                bytes: a.data.clone(),
+                omitted_size: None,
+            })
+            .collect();
+        files.extend(p.omitted.iter().map(|o| InboundFile {
+            filename: o.filename.clone().unwrap_or_else(|| "unnamed".into()),
+            content_type: o.content_type.clone(),
+            content_id: None,
+            bytes: vec![],
+            omitted_size: Some(o.size as u64),
+        }));
         let kind = match p.automatic {
             Automatic::AutoReply => Some("auto_reply".to_string()),
             _ => None,
@@ -182,9 +207,39 @@ impl EmailChannel {
             thread_refs,
             new_thread: p.in_reply_to.is_empty() && p.references.is_empty(),
             automatic: p.automatic != Automatic::No,
+            files,
             ..InboundMessage::default()
         })]
     }
+
+    /// Parses one raw message into what the gateway stores, the raw bytes
+    /// kept with it for audit (HTTP intake and IMAP polling alike).
+    pub fn inbound_from_raw(&self, raw: &[u8]) -> Result<Vec<Inbound>, parse::ParseError> {
+        let parsed = parse::parse(raw)?;
+        let mut items = self.to_inbound(&parsed);
+        for item in &mut items {
+            if let Inbound::Message(m) = item {
+                m.raw = Some(raw.to_vec());
+            }
+        }
+        Ok(items)
+    }
+}
+
+/// What `check-config` says about an email channel's own keys: the
+/// address, `inbound_secret`, `smtp` and `imap` (every problem, each naming
+/// the channel and key).
+pub fn config_problems(cfg: &ChannelConfig) -> Vec<String> {
+    let mut p = vec![];
+    if cfg.settings.contains_key("address") {
+        if let Err(e) = EmailChannel::new(cfg) {
+            p.push(e);
+        }
+    }
+    if let Err(e) = imap::ImapSettings::from_config(cfg) {
+        p.extend(e);
+    }
+    p
 }
 
 fn first_line(s: &str) -> &str {
@@ -272,8 +327,8 @@ impl WebhookIntake for EmailChannel {
                 "email is posted as message/rfc822, not {ct}"
             )));
         }
-        let parsed = parse::parse(req.body()).map_err(|e| IntakeError::Malformed(e.to_string()))?;
-        Ok(self.to_inbound(&parsed))
+        self.inbound_from_raw(req.body())
+            .map_err(|e| IntakeError::Malformed(e.to_string()))
     }
 
     fn ack(&self) -> WebhookAck {

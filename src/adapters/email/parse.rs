@@ -395,6 +395,20 @@ pub fn parse(raw: &[u8]) -> Result<ParsedEmail, ParseError> {
     })
 }
 
+/// Points the sanitized HTML's `cid:` links to one inline image at `url`
+/// (RFC 2392; the sanitizer keeps attribute values double-quoted). A
+/// Content-ID with characters the sanitizer escapes is left alone.
+pub fn link_inline(html: &str, content_id: &str, url: &str) -> String {
+    if content_id.is_empty() || content_id.contains(['"', '&', '<', '>', '\'']) {
+        return html.to_string();
+    }
+    let mut out = html.to_string();
+    for scheme in ["cid:", "CID:", "Cid:"] {
+        out = out.replace(&format!("\"{scheme}{content_id}\""), &format!("\"{url}\""));
+    }
+    out
+}
+
 /// The subject of a reply: `Re: <original>`, without stacking prefixes.
 pub fn reply_subject(original: &str) -> String {
     let t = original.trim();
