@@ -6,6 +6,12 @@ use std::path::{Path, PathBuf};
 use switchboard::app::Application;
 use switchboard::config::Settings;
 
+/// mimalloc instead of glibc's malloc: a webhook makes many small, short-lived
+/// allocations (headers, form pairs, JSON), and under glibc malloc/free were a
+/// quarter of the gateway's CPU in the benchmark profile (BENCHMARKS.md).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(name = "switchboard", version, about = "A digital channel gateway")]
 struct Cli {
