@@ -35,6 +35,8 @@ use std::time::Instant;
 /// segment; one larger than a whole slot extends the file.
 pub const SLOT_BYTES: u64 = 8 << 20;
 const HEADER: usize = 16;
+/// Frames start on block boundaries (direct I/O writes whole blocks).
+const ALIGN: usize = 4096;
 
 /// One change to one record.
 #[derive(Debug, Clone, PartialEq)]
@@ -249,10 +251,37 @@ pub struct Wal {
     file: File,
     slot: PathBuf,
     seq: u64,
+    /// Where the next frame goes; always a multiple of [`ALIGN`].
     pos: u64,
     opened: Instant,
     slots: Slots,
+    /// The frame being built.
     buf: Vec<u8>,
+    /// Room for the frame at an [`ALIGN`]ed address, as direct I/O needs.
+    aligned: Vec<u8>,
+}
+
+/// Opens a slot for appending, with direct I/O where the filesystem allows
+/// it. Frames then go to the disk as whole blocks without passing through the
+/// page cache, whose large folios would otherwise turn every small append
+/// into a write-back of tens of kilobytes (measured: ~100 KB of disk writes
+/// for a 3 KB webhook). Elsewhere (tmpfs) it falls back to buffered writes;
+/// `fdatasync` after each frame makes either durable.
+fn open_slot(path: &Path) -> std::io::Result<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    match OpenOptions::new()
+        .write(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(path)
+    {
+        Ok(f) => Ok(f),
+        Err(_) => OpenOptions::new().write(true).open(path),
+    }
+}
+
+/// `n` rounded up to a multiple of [`ALIGN`].
+fn align_up(n: usize) -> usize {
+    n.div_ceil(ALIGN) * ALIGN
 }
 
 impl Wal {
@@ -272,7 +301,7 @@ impl Wal {
             count: Arc::new(Mutex::new(count)),
         };
         let slot = slots.take()?;
-        let file = OpenOptions::new().write(true).open(&slot)?;
+        let file = open_slot(&slot)?;
         Ok(Wal {
             file,
             slot,
@@ -281,6 +310,7 @@ impl Wal {
             opened: Instant::now(),
             slots,
             buf: Vec::with_capacity(64 << 10),
+            aligned: vec![],
         })
     }
 
@@ -300,7 +330,8 @@ impl Wal {
         self.buf.clear();
         self.buf.resize(HEADER, 0);
         encode(ops, &mut self.buf);
-        let closed = if self.pos > 0 && self.pos + self.buf.len() as u64 > SLOT_BYTES {
+        let padded = align_up(self.buf.len());
+        let closed = if self.pos > 0 && self.pos + padded as u64 > SLOT_BYTES {
             self.rotate()?
         } else {
             None
@@ -310,9 +341,16 @@ impl Wal {
         self.buf[0..8].copy_from_slice(&self.seq.to_le_bytes());
         self.buf[8..12].copy_from_slice(&(len as u32).to_le_bytes());
         self.buf[12..16].copy_from_slice(&crc.to_le_bytes());
-        self.file.write_all_at(&self.buf, self.pos)?;
+        if self.aligned.len() < padded + ALIGN {
+            self.aligned.resize(padded + ALIGN, 0);
+        }
+        let start = self.aligned.as_ptr().align_offset(ALIGN);
+        let block = &mut self.aligned[start..start + padded];
+        block[..self.buf.len()].copy_from_slice(&self.buf);
+        block[self.buf.len()..].fill(0);
+        self.file.write_all_at(block, self.pos)?;
         self.file.sync_data()?;
-        self.pos += self.buf.len() as u64;
+        self.pos += padded as u64;
         Ok(closed)
     }
 
@@ -323,7 +361,7 @@ impl Wal {
             return Ok(None);
         }
         let slot = self.slots.take()?;
-        let file = OpenOptions::new().write(true).open(&slot)?;
+        let file = open_slot(&slot)?;
         let closed = Closed {
             seq: self.seq,
             slot: std::mem::replace(&mut self.slot, slot),
@@ -407,7 +445,7 @@ fn frame_at(data: &[u8], pos: usize) -> Option<(u64, Vec<Op>, usize)> {
     if checksum(seq, payload) != crc {
         return None;
     }
-    Some((seq, decode(payload)?, pos + HEADER + len))
+    Some((seq, decode(payload)?, align_up(pos + HEADER + len)))
 }
 
 fn read_segment(data: &[u8], seq: u64) -> Vec<Vec<Op>> {
