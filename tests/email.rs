@@ -626,6 +626,32 @@ async fn an_untrusted_smtp_certificate_fails_the_reply_and_sends_nothing() {
     }
 }
 
+/// If this breaks, `tls = "starttls"` quietly sends in clear text (and the
+/// password with it) to a server that does not offer STARTTLS, or retries
+/// for a day what can never work.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn starttls_is_required_never_skipped() {
+    let server = SmtpServer::start();
+    let smtp = format!(
+        r#"{{ host = "127.0.0.1", port = {}, tls = "starttls", username = "{SMTP_USER}", password = "{SMTP_PASSWORD}" }}"#,
+        server.port
+    );
+    let app = start_smtp(Backend::Embedded, &smtp).await;
+    let case = answer_a_customer(&app, json!({"text": "secret order details"})).await;
+    app.deliver().await;
+    let i = app
+        .wait_for(case, "the missing STARTTLS to fail the reply", |i| {
+            messages(i).last().is_some_and(|m| m["status"] == "failed")
+        })
+        .await;
+    let last = messages(&i).last().unwrap();
+    assert!(
+        last["error"].as_str().unwrap().contains("STARTTLS"),
+        "{last}"
+    );
+    assert!(server.received().is_empty());
+}
+
 /// If this breaks, a relay that is down for a moment (restarting, not yet
 /// up) loses the reply instead of delaying it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

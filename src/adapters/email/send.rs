@@ -294,9 +294,10 @@ fn certificate_refused(e: &(dyn std::error::Error + 'static)) -> Option<String> 
 }
 
 /// Sends one built message; classifies the SMTP answer: a 5xx reply, a
-/// refused login (535) and a relay certificate we do not trust fail at once
-/// (retrying cannot help before someone changes the configuration); 4xx
-/// replies, timeouts and connection failures (refused, reset, DNS) are
+/// refused login (535), a relay certificate we do not trust and a relay
+/// without what the settings require (STARTTLS, a login mechanism) fail at
+/// once (retrying cannot help before someone changes the configuration);
+/// 4xx replies, timeouts and connection failures (refused, reset, DNS) are
 /// retried.
 pub async fn deliver(
     transport: &AsyncSmtpTransport<Tokio1Executor>,
@@ -313,7 +314,9 @@ pub async fn deliver(
                 )));
             }
             let message = format!("smtp: {e}");
-            let mut err = if e.is_permanent() {
+            // Client errors are what the server lacks (STARTTLS, a login
+            // mechanism, SMTPUTF8): the same on every attempt.
+            let mut err = if e.is_permanent() || e.is_client() {
                 DeliveryError::permanent(message)
             } else {
                 DeliveryError::retryable(message)
