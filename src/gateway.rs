@@ -1945,16 +1945,16 @@ pub struct OutboundRequest<'a> {
 }
 
 /// The body of an agent's message: the text as given (or a plain rendering
-/// of the HTML when only HTML is given) and, on email, the HTML sanitized
+/// of the HTML, link addresses kept, when only HTML is given) and, on email, the HTML sanitized
 /// as inbound HTML is; other channels keep only the text.
 fn formatted_body(kind: ChannelKind, text: &str, html: Option<&str>) -> (String, Option<String>) {
-    use crate::adapters::email::parse::{html_to_text, sanitize_html};
+    use crate::adapters::email::{parse::sanitize_html, send::plain_rendering};
     let html = html
         .filter(|h| !h.trim().is_empty())
         .map(sanitize_html)
         .filter(|h| !h.trim().is_empty());
     let text = match &html {
-        Some(h) if text.trim().is_empty() => html_to_text(h),
+        Some(h) if text.trim().is_empty() => plain_rendering(h),
         _ => text.to_string(),
     };
     (text, html.filter(|_| kind == ChannelKind::Email))

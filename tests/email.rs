@@ -445,7 +445,7 @@ async fn formatted_email_goes_out_as_text_and_sanitized_html(b: Backend) {
         .text("subject", "Invoice")
         .text(
             "html",
-            "<h1>Invoice</h1><p>Your invoice is <i>attached</i>.</p><script>alert(1)</script>",
+            r#"<h1>Invoice</h1><p>Your invoice is <i>attached</i>.</p><p>Pay on <a href="https://shop.example/pay/77">the payment page</a>.</p><script>alert(1)</script>"#,
         )
         .text("contact", json!({"name": "Lou"}).to_string())
         .part(
@@ -491,6 +491,11 @@ async fn formatted_email_goes_out_as_text_and_sanitized_html(b: Backend) {
         "{m}"
     );
     assert!(!plain.contains('<') && !plain.contains("alert"), "{m}");
+    // Without HTML the reader still has the link.
+    assert!(
+        plain.contains("the payment page (https://shop.example/pay/77)"),
+        "{m}"
+    );
     assert_eq!(stored["text"].as_str(), Some(plain.as_str()), "{stored}");
     let html = text_of(&m["parts"][1]);
     assert!(html.contains("<i>attached</i>"), "{m}");

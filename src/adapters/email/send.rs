@@ -151,6 +151,40 @@ impl SmtpSettings {
     }
 }
 
+/// The plain-text alternative of sanitized HTML: its text, with each
+/// link's address after its label (`label (https://...)`) unless the label
+/// is the address, so a reader without HTML still has the links.
+pub fn plain_rendering(sanitized_html: &str) -> String {
+    let mut out = String::with_capacity(sanitized_html.len());
+    let mut rest = sanitized_html;
+    while let Some(start) = rest.find("<a ") {
+        let Some(open_end) = rest[start..].find('>').map(|e| start + e + 1) else {
+            break;
+        };
+        let Some(close) = rest[open_end..].find("</a>").map(|e| open_end + e) else {
+            break;
+        };
+        let tag = &rest[start..open_end];
+        let label = &rest[open_end..close];
+        out.push_str(&rest[..close]);
+        let href = tag
+            .split_once("href=\"")
+            .and_then(|(_, v)| v.split_once('"'))
+            .map(|(v, _)| v.trim());
+        if let Some(href) = href.filter(|h| !h.is_empty()) {
+            let label_text = super::parse::html_to_text(label);
+            let shown = href.strip_prefix("mailto:").unwrap_or(href);
+            if label_text.trim() != super::parse::html_to_text(shown).trim() {
+                out.push_str(&format!(" ({href})"));
+            }
+        }
+        out.push_str("</a>");
+        rest = &rest[close + 4..];
+    }
+    out.push_str(rest);
+    super::parse::html_to_text(&out)
+}
+
 /// The token of our message ID: lower-case alphanumerics of it.
 pub fn token_of(message_id: &str) -> String {
     message_id
@@ -373,6 +407,19 @@ mod tests {
         );
         let e = settings(&format!("{{{h}, tls = 1}}")).unwrap_err();
         assert!(e.starts_with("channel mail: smtp.tls"), "{e}");
+    }
+
+    #[test]
+    fn the_plain_rendering_keeps_link_addresses() {
+        let html = super::super::parse::sanitize_html(
+            r#"<p>Track <a href="https://shop.example/t?a=1&b=2">your parcel</a> or see <a href="https://shop.example">https://shop.example</a>.</p><p>Mail <a href="mailto:help@shop.example">help@shop.example</a> &amp; <a>nothing</a></p>"#,
+        );
+        assert_eq!(
+            plain_rendering(&html),
+            "Track your parcel (https://shop.example/t?a=1&b=2) or see https://shop.example.\nMail help@shop.example & nothing"
+        );
+        assert_eq!(plain_rendering("<p>no links</p>"), "no links");
+        assert_eq!(plain_rendering("<a href=\"x\">unclosed"), "unclosed");
     }
 
     #[test]
