@@ -1945,8 +1945,9 @@ pub struct OutboundRequest<'a> {
 }
 
 /// The body of an agent's message: the text as given (or a plain rendering
-/// of the HTML, link addresses kept, when only HTML is given) and, on email, the HTML sanitized
-/// as inbound HTML is; other channels keep only the text.
+/// of the HTML, link addresses kept, when only HTML is given) and, on
+/// email, the HTML sanitized as inbound HTML is; other channels keep only
+/// the text.
 fn formatted_body(kind: ChannelKind, text: &str, html: Option<&str>) -> (String, Option<String>) {
     use crate::adapters::email::{parse::sanitize_html, send::plain_rendering};
     let html = html

@@ -5,9 +5,10 @@
 //! own `Message-ID` (`<{token}@{domain}>`, the token derived from our
 //! message ID so a retry sends the same ID), `In-Reply-To` the latest
 //! customer message, `References` the thread, and a `Reply-To` carrying the
-//! token. 4xx answers and connection failures are retried; 5xx (a refused
-//! login is 535) and an untrusted relay certificate fail with the reason
-//! kept. A formatted message goes as `multipart/alternative` (text, then
+//! token. 4xx answers, timeouts and connection failures are retried; 5xx (a
+//! refused login is 535), an untrusted relay certificate and a relay without
+//! what the settings require (STARTTLS, a login mechanism) fail with the
+//! reason kept (see [`deliver`]). A formatted message goes as `multipart/alternative` (text, then
 //! the sanitized HTML), inside `multipart/mixed` with its attachments.
 
 use super::parse::reply_subject;
