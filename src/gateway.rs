@@ -1411,11 +1411,14 @@ impl Gateway {
     }
 
     /// A reply from the assigned agent: checked, queued durably, then delivered by the outbox.
+    /// `html` is a formatted body (kept, sanitized, on email; see [`formatted_body`]).
+    #[allow(clippy::too_many_arguments)]
     pub async fn reply(
         &self,
         actor: &Actor,
         case: u64,
         text: &str,
+        html: Option<&str>,
         uploads: &[Upload],
         idempotency_key: Option<&str>,
         reply_to: Option<&str>,
@@ -1432,6 +1435,8 @@ impl Gateway {
                 return Err(Refusal::NotAssigned.into());
             }
         }
+        let (text, html) = formatted_body(current.channel_kind, text, html);
+        let text = text.as_str();
         self.precheck(current.channel_kind, text, uploads)?;
         let now = Utc::now();
         if let Some(w) = self.window(&current, now) {
@@ -1459,6 +1464,7 @@ impl Gateway {
         let attachments = self.store_uploads(uploads).await?;
         let mut msg =
             self.outgoing_message(current.channel_kind, actor.id(), text, attachments, now);
+        msg.html = html;
         if let Some(rid) = reply_to {
             if !current
                 .messages
@@ -1539,6 +1545,7 @@ impl Gateway {
             channel_id,
             to,
             text,
+            html,
             subject,
             uploads,
             contact,
@@ -1574,6 +1581,8 @@ impl Gateway {
             ));
         }
         let digital_id = DigitalId::parse(wanted, to).map_err(|e| validation("to", e))?;
+        let (text, html) = formatted_body(wanted, text, html);
+        let text = text.as_str();
         self.precheck(wanted, text, uploads)?;
         let name = contact
             .get("name")
@@ -1635,7 +1644,8 @@ impl Gateway {
             i.related_case = related_case.clone();
             i.assigned_to = Some(agent.clone());
             i.opened_by.insert(agent.clone(), now);
-            let msg = self.outgoing_message(wanted, agent, text, attachments.clone(), now);
+            let mut msg = self.outgoing_message(wanted, agent, text, attachments.clone(), now);
+            msg.html = html.clone();
             let mut events = vec![crate::domain::EventDraft {
                 kind: "interaction.created".into(),
                 at: now,
@@ -1926,9 +1936,29 @@ pub struct OutboundRequest<'a> {
     pub channel_id: &'a str,
     pub to: &'a str,
     pub text: &'a str,
+    /// Email: a formatted body; sanitized, and rendered as plain text when
+    /// `text` is empty.
+    pub html: Option<&'a str>,
     pub subject: Option<String>,
     pub uploads: &'a [Upload],
     pub contact: &'a serde_json::Value,
+}
+
+/// The body of an agent's message: the text as given (or a plain rendering
+/// of the HTML, link addresses kept, when only HTML is given) and, on
+/// email, the HTML sanitized as inbound HTML is; other channels keep only
+/// the text.
+fn formatted_body(kind: ChannelKind, text: &str, html: Option<&str>) -> (String, Option<String>) {
+    use crate::adapters::email::{parse::sanitize_html, send::plain_rendering};
+    let html = html
+        .filter(|h| !h.trim().is_empty())
+        .map(sanitize_html)
+        .filter(|h| !h.trim().is_empty());
+    let text = match &html {
+        Some(h) if text.trim().is_empty() => plain_rendering(h),
+        _ => text.to_string(),
+    };
+    (text, html.filter(|_| kind == ChannelKind::Email))
 }
 
 /// Query of `GET /api/v1/interactions`.

@@ -160,6 +160,7 @@ async fn deliver(g: &Arc<Gateway>, job: OutboxJob) -> Result<Outcome, StoreError
         id: msg.id.clone(),
         to: i.digital_id.clone(),
         text: msg.text.clone(),
+        html: msg.html.clone(),
         attachments: msg
             .attachments
             .iter()

@@ -1,18 +1,19 @@
 //! The email channel black-box: raw mail over HTTP (Standard Webhooks),
-//! replies over SMTP to a real server (aiosmtpd from
-//! `scripts/email-servers.sh`), read back with Python's email package.
+//! replies and outbound mail over SMTP to a real server (aiosmtpd from
+//! `scripts/email-servers.sh`; plain, STARTTLS or implicit TLS with AUTH),
+//! read back with Python's email package.
 
 #[macro_use]
 mod common;
 mod email_support;
 
 use common::*;
-use email_support::SmtpServer;
+use email_support::{SmtpMode, SmtpServer, SMTP_PASSWORD, SMTP_USER};
 use serde_json::{json, Value};
 
 const SECRET: &str = "whsec_c2VjcmV0LWtleS1vZi10aGUtdGVzdHM=";
 
-fn email_channel(smtp_port: u16) -> String {
+fn email_channel(smtp: &str) -> String {
     format!(
         r#"
 [[channels]]
@@ -22,13 +23,35 @@ name = "Shop Support"
 queue = "support"
 address = "support@shop.example"
 inbound_secret = "{SECRET}"
-smtp = {{ host = "127.0.0.1", port = {smtp_port}, tls = "none" }}
+smtp = {smtp}
 "#
     )
 }
 
+fn plain_smtp(port: u16) -> String {
+    format!(r#"{{ host = "127.0.0.1", port = {port}, tls = "none" }}"#)
+}
+
+/// The application sending through `smtp` (a TOML table), with an outbound
+/// email queue anne belongs to.
+async fn start_smtp(backend: Backend, smtp: &str) -> TestApp {
+    TestApp::start_with(backend, &email_channel(smtp), |s| {
+        s.queues.push(switchboard::config::QueueConfig {
+            id: "outbound-email".into(),
+            name: "Outbound email".into(),
+            kind: switchboard::config::QueueKind::OutboundEmail,
+        });
+        for a in &mut s.agents {
+            if a.id == "anne" {
+                a.queues.push("outbound-email".into());
+            }
+        }
+    })
+    .await
+}
+
 async fn start(backend: Backend, smtp: &SmtpServer) -> TestApp {
-    TestApp::start_with(backend, &email_channel(smtp.port), |_| {}).await
+    start_smtp(backend, &plain_smtp(smtp.port)).await
 }
 
 fn fixture(name: &str) -> Vec<u8> {
@@ -302,8 +325,369 @@ async fn smtp_5xx_fails_and_4xx_retries(b: Backend) {
     assert!(smtp.received().is_empty());
 }
 
+/// A customer's mail, taken by anne and answered with `reply`; the case.
+async fn answer_a_customer(app: &TestApp, reply: Value) -> u64 {
+    let (s, body) = post_mail(app, &fixture("utf8_plain.eml"), 0).await;
+    assert_eq!(s, 200, "{body}");
+    let case = app.only_case().await;
+    let (s, v) = app
+        .post(
+            ANNE,
+            &format!("/api/v1/interactions/{case}/assign"),
+            json!({}),
+        )
+        .await;
+    assert_eq!(s, 200, "{v}");
+    let (s, v) = app
+        .post(ANNE, &format!("/api/v1/interactions/{case}/replies"), reply)
+        .await;
+    assert_eq!(s, 202, "{v}");
+    case
+}
+
+/// Formatted text with what must never reach a customer's mail client.
+const HOSTILE_HTML: &str = r#"<p>Hello <b>Kim</b>,</p><p>order <a href="https://shop.example/o/1234" onclick="steal()">1234</a> ships today.</p><script>alert("x")</script><img src="javascript:alert(1)">"#;
+
+fn assert_clean(html: &str) {
+    for bad in ["<script", "alert", "onclick", "javascript:", "steal"] {
+        assert!(!html.contains(bad), "{bad} got through: {html}");
+    }
+}
+
+fn text_of(part: &Value) -> String {
+    part["text"]
+        .as_str()
+        .unwrap_or_else(|| panic!("not a text part: {part}"))
+        .trim_end()
+        .to_string()
+}
+
+/// If this breaks, formatted email reaches the customer as plain text (or
+/// with the sender's scripts in it), or the agent sees something other than
+/// what was sent.
+async fn formatted_email_goes_out_as_text_and_sanitized_html(b: Backend) {
+    let smtp = SmtpServer::start();
+    let app = start(b, &smtp).await;
+
+    // An agent's reply written in HTML only: the text part is rendered from it.
+    let case = answer_a_customer(
+        &app,
+        json!({"html": "<p>Votre colis part <b>aujourd'hui</b></p><script>alert(1)</script>"}),
+    )
+    .await;
+    app.deliver().await;
+    let i = app
+        .wait_for(case, "the formatted reply sent", |i| {
+            messages(i).last().is_some_and(|m| m["status"] == "sent")
+        })
+        .await;
+    let ours = messages(&i).last().unwrap();
+    let m = smtp.message(0).await;
+    assert_eq!(
+        m["structure"],
+        json!(["multipart/alternative", "text/plain", "text/html"]),
+        "{m}"
+    );
+    assert_eq!(
+        text_of(&m["parts"][0]),
+        "Votre colis part aujourd'hui",
+        "{m}"
+    );
+    let html = text_of(&m["parts"][1]);
+    assert!(html.contains("<b>aujourd"), "{m}");
+    assert_clean(&html);
+    assert_eq!(ours["text"], "Votre colis part aujourd'hui", "{ours}");
+    assert_eq!(ours["html"].as_str(), Some(html.as_str()), "{ours}");
+
+    // Outbound email with text and HTML (JSON).
+    let text = "Hello Kim, order 1234 ships today.";
+    let (s, v) = app
+        .post(
+            ANNE,
+            "/api/v1/outbound/email",
+            json!({"channel": "mail", "to": "kim@example.org", "subject": "Your order 1234",
+                   "text": text, "html": HOSTILE_HTML, "contact": {"name": "Kim"}}),
+        )
+        .await;
+    assert_eq!(s, 202, "{v}");
+    assert_clean(v["message"]["html"].as_str().unwrap());
+    let case = v["case_number"].as_u64().unwrap();
+    app.deliver().await;
+    let i = app
+        .wait_for(case, "the outbound email sent", |i| {
+            messages(i).last().is_some_and(|m| m["status"] == "sent")
+        })
+        .await;
+    let stored = &messages(&i)[0];
+    assert_eq!(stored["text"], text, "{stored}");
+    let stored_html = stored["html"].as_str().unwrap();
+    assert!(
+        stored_html.contains("<b>Kim</b>")
+            && stored_html.contains(r#"href="https://shop.example/o/1234""#),
+        "{stored}"
+    );
+    assert_clean(stored_html);
+    let m = smtp.message(1).await;
+    assert_eq!(m["to"], "kim@example.org", "{m}");
+    assert_eq!(
+        m["structure"],
+        json!(["multipart/alternative", "text/plain", "text/html"]),
+        "{m}"
+    );
+    assert_eq!(text_of(&m["parts"][0]), text, "{m}");
+    assert_eq!(text_of(&m["parts"][1]), stored_html, "{m}");
+
+    // Multipart: HTML only, with a binary attachment.
+    let pdf = b"%PDF-1.4\n% an invoice\n\x00\x01\xfe\xff binary \r\n.\r\n".to_vec();
+    let form = reqwest::multipart::Form::new()
+        .text("channel", "mail")
+        .text("to", "lou@example.org")
+        .text("subject", "Invoice")
+        .text(
+            "html",
+            r#"<h1>Invoice</h1><p>Your invoice is <i>attached</i>.</p><p>Pay on <a href="https://shop.example/pay/77">the payment page</a>.</p><script>alert(1)</script>"#,
+        )
+        .text("contact", json!({"name": "Lou"}).to_string())
+        .part(
+            "attachments",
+            reqwest::multipart::Part::bytes(pdf.clone())
+                .file_name("invoice.pdf")
+                .mime_str("application/pdf")
+                .unwrap(),
+        );
+    let r = app
+        .http
+        .post(format!("{}/api/v1/outbound/email", app.url))
+        .bearer_auth(ANNE)
+        .multipart(form)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 202);
+    let v: Value = r.json().await.unwrap();
+    let case = v["case_number"].as_u64().unwrap();
+    app.deliver().await;
+    let i = app
+        .wait_for(case, "the multipart email sent", |i| {
+            messages(i).last().is_some_and(|m| m["status"] == "sent")
+        })
+        .await;
+    let stored = &messages(&i)[0];
+    let m = smtp.message(2).await;
+    assert_eq!(
+        m["structure"],
+        json!([
+            "multipart/mixed",
+            "multipart/alternative",
+            "text/plain",
+            "text/html",
+            "application/pdf"
+        ]),
+        "{m}"
+    );
+    let plain = text_of(&m["parts"][0]);
+    assert!(
+        plain.contains("Invoice") && plain.contains("Your invoice is attached."),
+        "{m}"
+    );
+    assert!(!plain.contains('<') && !plain.contains("alert"), "{m}");
+    // Without HTML the reader still has the link.
+    assert!(
+        plain.contains("the payment page (https://shop.example/pay/77)"),
+        "{m}"
+    );
+    assert_eq!(stored["text"].as_str(), Some(plain.as_str()), "{stored}");
+    let html = text_of(&m["parts"][1]);
+    assert!(html.contains("<i>attached</i>"), "{m}");
+    assert_clean(&html);
+    assert_eq!(stored["html"].as_str(), Some(html.as_str()), "{stored}");
+    let part = &m["parts"][2];
+    assert_eq!(part["filename"], "invoice.pdf", "{m}");
+    use sha2::Digest;
+    assert_eq!(
+        part["sha256"].as_str(),
+        Some(hex::encode(sha2::Sha256::digest(&pdf)).as_str()),
+        "the attachment arrived altered: {m}"
+    );
+}
+
 on_both_stores!(
     http_intake_verifies_and_dedupes,
     reply_goes_out_over_smtp_with_threading_headers,
     smtp_5xx_fails_and_4xx_retries,
+    formatted_email_goes_out_as_text_and_sanitized_html,
 );
+
+// SMTP transport security does not depend on the store: embedded only.
+
+/// `smtp` for `server`, logging in with `password`, trusting the test CA
+/// when `trust` is set.
+fn secure_smtp(server: &SmtpServer, tls: &str, password: &str, trust: bool) -> String {
+    let ca = if trust {
+        format!(r#", ca_file = "{}""#, server.ca_file().display())
+    } else {
+        String::new()
+    };
+    format!(
+        r#"{{ host = "127.0.0.1", port = {}, tls = "{tls}", username = "{SMTP_USER}", password = "{password}"{ca} }}"#,
+        server.port
+    )
+}
+
+/// If this breaks, replies cannot go through a relay that requires TLS and
+/// a login (every real one).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replies_go_out_over_starttls_and_implicit_tls_with_auth() {
+    for (mode, tls) in [
+        (SmtpMode::StartTls, "starttls"),
+        (SmtpMode::Tls, "tls"),
+        (SmtpMode::Tls, "implicit"),
+    ] {
+        let server = SmtpServer::start_secure(mode);
+        let app = start_smtp(
+            Backend::Embedded,
+            &secure_smtp(&server, tls, SMTP_PASSWORD, true),
+        )
+        .await;
+        let case = answer_a_customer(&app, json!({"text": format!("sent with tls = {tls}")})).await;
+        app.deliver().await;
+        let i = app
+            .wait_for(case, "the reply sent over TLS", |i| {
+                messages(i).last().is_some_and(|m| m["status"] == "sent")
+            })
+            .await;
+        assert!(messages(&i).last().unwrap()["error"].is_null(), "{i}");
+        let m = server.message(0).await;
+        assert_eq!(
+            text_of(&m["parts"][0]),
+            format!("sent with tls = {tls}"),
+            "{m}"
+        );
+        assert_eq!(
+            server.session(0),
+            json!({"tls": true, "login": SMTP_USER}),
+            "tls = {tls}"
+        );
+        app.shutdown.cancel();
+    }
+}
+
+/// If this breaks, a refused login is retried for a day with the agent
+/// seeing nothing, or is reported without the server's reason.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wrong_smtp_password_fails_the_reply_with_the_servers_reply() {
+    let server = SmtpServer::start_secure(SmtpMode::StartTls);
+    let app = start_smtp(
+        Backend::Embedded,
+        &secure_smtp(&server, "starttls", "not-the-password", true),
+    )
+    .await;
+    let case = answer_a_customer(&app, json!({"text": "hello"})).await;
+    app.deliver().await;
+    let i = app
+        .wait_for(case, "the 535 to fail the reply", |i| {
+            messages(i).last().is_some_and(|m| m["status"] == "failed")
+        })
+        .await;
+    let last = messages(&i).last().unwrap();
+    let error = last["error"].as_str().unwrap();
+    assert!(error.contains("535"), "{last}");
+    assert!(
+        error.to_lowercase().contains("authentication"),
+        "the server's reply is kept: {last}"
+    );
+    assert!(last["provider_id"].is_null(), "{last}");
+    assert!(server.received().is_empty());
+}
+
+/// If this breaks, mail goes to a relay whose certificate nobody vouches
+/// for, or the agent cannot tell why nothing went out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_untrusted_smtp_certificate_fails_the_reply_and_sends_nothing() {
+    for (mode, tls) in [(SmtpMode::StartTls, "starttls"), (SmtpMode::Tls, "tls")] {
+        let server = SmtpServer::start_secure(mode);
+        // No ca_file: the test CA is not trusted.
+        let app = start_smtp(
+            Backend::Embedded,
+            &secure_smtp(&server, tls, SMTP_PASSWORD, false),
+        )
+        .await;
+        let case = answer_a_customer(&app, json!({"text": "hello"})).await;
+        app.deliver().await;
+        let i = app
+            .wait_for(case, "the certificate to fail the reply", |i| {
+                messages(i).last().is_some_and(|m| m["status"] == "failed")
+            })
+            .await;
+        let last = messages(&i).last().unwrap();
+        let error = last["error"].as_str().unwrap();
+        assert!(
+            error.contains("certificate is not trusted") && error.contains("smtp.ca_file"),
+            "tls = {tls}: {last}"
+        );
+        assert!(last["provider_id"].is_null(), "{last}");
+        assert!(server.received().is_empty(), "tls = {tls}");
+        app.shutdown.cancel();
+    }
+}
+
+/// If this breaks, `tls = "starttls"` quietly sends in clear text (and the
+/// password with it) to a server that does not offer STARTTLS, or retries
+/// for a day what can never work.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn starttls_is_required_never_skipped() {
+    let server = SmtpServer::start();
+    let smtp = format!(
+        r#"{{ host = "127.0.0.1", port = {}, tls = "starttls", username = "{SMTP_USER}", password = "{SMTP_PASSWORD}" }}"#,
+        server.port
+    );
+    let app = start_smtp(Backend::Embedded, &smtp).await;
+    let case = answer_a_customer(&app, json!({"text": "secret order details"})).await;
+    app.deliver().await;
+    let i = app
+        .wait_for(case, "the missing STARTTLS to fail the reply", |i| {
+            messages(i).last().is_some_and(|m| m["status"] == "failed")
+        })
+        .await;
+    let last = messages(&i).last().unwrap();
+    assert!(
+        last["error"].as_str().unwrap().contains("STARTTLS"),
+        "{last}"
+    );
+    assert!(server.received().is_empty());
+}
+
+/// If this breaks, a relay that is down for a moment (restarting, not yet
+/// up) loses the reply instead of delaying it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_connection_is_retried_until_the_relay_is_up() {
+    let port = email_support::free_port();
+    let app = start_smtp(Backend::Embedded, &plain_smtp(port)).await;
+    let case = answer_a_customer(&app, json!({"text": "are you there?"})).await;
+    app.deliver().await;
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let i = app.interaction(case).await;
+    let last = messages(&i).last().unwrap();
+    assert_eq!(
+        last["status"], "queued",
+        "a refused connection is retried: {last}"
+    );
+
+    let smtp = SmtpServer::start_on(port);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let i = app.interaction(case).await;
+        let last = messages(&i).last().unwrap().clone();
+        if last["status"] == "sent" {
+            break;
+        }
+        assert_ne!(last["status"], "failed", "{last}");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the retry never went out: {last}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let m = smtp.message(0).await;
+    assert_eq!(text_of(&m["parts"][0]), "are you there?", "{m}");
+}

@@ -270,6 +270,8 @@ pub struct OutgoingMessage {
     /// The contact's digital ID.
     pub to: String,
     pub text: String,
+    /// Email: the sanitized HTML alternative of `text`, when the agent wrote one.
+    pub html: Option<String>,
     pub attachments: Vec<OutgoingAttachment>,
     /// The provider ID of the customer's message this reply quotes.
     pub reply_to: Option<String>,

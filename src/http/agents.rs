@@ -474,6 +474,7 @@ async fn reply(
     let case = case_number(&path)?;
     let form = read_form(&req, payload, "attachments").await?;
     let text = opt_str(&form.fields, "text")?.unwrap_or_default();
+    let html = opt_str(&form.fields, "html")?;
     let reply_to = opt_str(&form.fields, "reply_to")?;
     let key = req
         .headers()
@@ -492,6 +493,7 @@ async fn reply(
             &actor,
             case,
             &text,
+            html.as_deref(),
             &form.uploads,
             key.as_deref(),
             reply_to.as_deref(),
@@ -511,10 +513,8 @@ async fn outbound(
     let channel = opt_str(f, "channel")?
         .ok_or_else(|| ApiError::validation("channel", "pick the sending channel"))?;
     let to = opt_str(f, "to")?.ok_or_else(|| ApiError::validation("to", "give the recipient"))?;
-    let mut text = opt_str(f, "text")?.unwrap_or_default();
-    if text.is_empty() {
-        text = opt_str(f, "html")?.unwrap_or_default();
-    }
+    let text = opt_str(f, "text")?.unwrap_or_default();
+    let html = opt_str(f, "html")?;
     let subject = opt_str(f, "subject")?;
     if kind == QueueKind::OutboundEmail && subject.as_deref().unwrap_or("").trim().is_empty() {
         return Err(ApiError::validation("subject", "give a subject"));
@@ -535,6 +535,7 @@ async fn outbound(
                 channel_id: &channel,
                 to: &to,
                 text: &text,
+                html: html.as_deref(),
                 subject,
                 uploads: &form.uploads,
                 contact: &contact,

@@ -38,8 +38,49 @@ pub struct SmtpServer {
     _stdin: ChildStdin,
 }
 
+/// The SMTP login of [`SmtpServer::start_secure`].
+pub const SMTP_USER: &str = "relay-user";
+pub const SMTP_PASSWORD: &str = "relay-secret-of-the-tests";
+
+/// How [`SmtpServer::start_secure`] secures its port.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SmtpMode {
+    /// STARTTLS required before anything else.
+    StartTls,
+    /// Implicit TLS from the first byte.
+    Tls,
+}
+
 impl SmtpServer {
     pub fn start() -> SmtpServer {
+        SmtpServer::launch(None, free_port())
+    }
+
+    /// Plain, on a port chosen before (a relay that comes up late).
+    pub fn start_on(port: u16) -> SmtpServer {
+        SmtpServer::launch(None, port)
+    }
+
+    /// With TLS (its certificate signed by the test CA at
+    /// [`SmtpServer::ca_file`]) and AUTH required as [`SMTP_USER`] /
+    /// [`SMTP_PASSWORD`].
+    pub fn start_secure(mode: SmtpMode) -> SmtpServer {
+        SmtpServer::launch(Some(mode), free_port())
+    }
+
+    /// The test CA that signed the server's certificate.
+    pub fn ca_file(&self) -> PathBuf {
+        self.dir.path().join("certs/ca.pem")
+    }
+
+    /// How message `n` came in: `{"tls": bool, "login": user or null}`.
+    pub fn session(&self, n: usize) -> serde_json::Value {
+        let got = self.received();
+        let meta = got[n].with_extension("json");
+        serde_json::from_slice(&std::fs::read(meta).unwrap()).unwrap()
+    }
+
+    fn launch(mode: Option<SmtpMode>, port: u16) -> SmtpServer {
         let py = python();
         assert!(
             py.exists(),
@@ -47,11 +88,23 @@ impl SmtpServer {
             py.display()
         );
         let dir = tempfile::tempdir().unwrap();
-        let port = free_port();
-        let mut child = Command::new(&py)
-            .arg(support("smtp_server.py"))
+        let mut cmd = Command::new(&py);
+        cmd.arg(support("smtp_server.py"))
             .arg(port.to_string())
-            .arg(dir.path())
+            .arg(dir.path());
+        if let Some(mode) = mode {
+            let certs = dir.path().join("certs");
+            std::fs::create_dir_all(&certs).unwrap();
+            make_certificates(&certs);
+            cmd.arg(match mode {
+                SmtpMode::StartTls => "starttls",
+                SmtpMode::Tls => "tls",
+            })
+            .arg(&certs)
+            .arg(SMTP_USER)
+            .arg(SMTP_PASSWORD);
+        }
+        let mut child = cmd
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .spawn()

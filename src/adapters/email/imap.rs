@@ -77,7 +77,9 @@ pub struct ImapSettings {
 }
 
 /// Reads the certificates of a PEM file.
-fn read_roots(path: &str) -> Result<Vec<rustls::pki_types::CertificateDer<'static>>, String> {
+pub(crate) fn read_roots(
+    path: &str,
+) -> Result<Vec<rustls::pki_types::CertificateDer<'static>>, String> {
     use rustls::pki_types::pem::PemObject;
     let bytes = std::fs::read(path).map_err(|e| format!("cannot read {path}: {e}"))?;
     let certs = rustls::pki_types::CertificateDer::pem_slice_iter(&bytes)

@@ -9,8 +9,9 @@
 //! | IMAP polling: read-only (`EXAMINE`, `BODY.PEEK[]`), UID/UIDVALIDITY cursor, IDLE, quarantine, one poller per mailbox | [`imap`] |
 //! | into the gateway: text, sanitized `html`, attachments and inline images (`InboundMessage::files`), the raw message (`InboundMessage::raw`) | [`EmailChannel::inbound_from_raw`] |
 //! | threading | the thread's Message-IDs go to the gateway in `InboundMessage::thread_refs` (In-Reply-To first, then References newest first, then the reply token of our `Reply-To`) |
-//! | SMTP sending with lettre | [`send`] |
-//! | check-config: address, inbound_secret, smtp, imap | [`config_problems`] |
+//! | SMTP sending with lettre: STARTTLS, implicit TLS or plain, AUTH, `smtp.ca_file`; which failures are retried | [`send`] |
+//! | formatted mail: `multipart/alternative` text + sanitized HTML (`OutgoingMessage::html`), `multipart/mixed` with attachments | [`send::build`] |
+//! | check-config: address, inbound_secret, smtp (tls mode, ca_file), imap | [`config_problems`] |
 //!
 //! Identifiers: a customer message's provider ID is its Message-ID without
 //! brackets (or `sha256:<hex>` of the raw bytes when it has none), so the
