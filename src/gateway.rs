@@ -117,9 +117,21 @@ impl Gateway {
     /// Verifies, normalizes and durably stores one webhook. Answers only
     /// once everything it carried is stored.
     pub async fn ingest(&self, channel_id: &str, req: &RawRequest<'_>) -> GResult<IngestOutcome> {
+        let started = std::time::Instant::now();
         let ch = self.channel(channel_id)?.clone();
         let kind = ch.config.kind;
         self.metrics.webhook_received(kind);
+        let outcome = self.verify_and_process(&ch, req).await;
+        self.metrics.webhook_duration(kind, started.elapsed());
+        outcome
+    }
+
+    async fn verify_and_process(
+        &self,
+        ch: &Arc<ChannelRuntime>,
+        req: &RawRequest<'_>,
+    ) -> GResult<IngestOutcome> {
+        let kind = ch.config.kind;
         let verified = match ch.intake.verify(req) {
             Ok(v) => v,
             Err(e) => {
@@ -134,7 +146,7 @@ impl Gateway {
                 return Err(e.into());
             }
         };
-        self.process(&ch, items).await
+        self.process(ch, items).await
     }
 
     /// Stores items that did not come through a provider webhook (web chat,

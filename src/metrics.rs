@@ -2,7 +2,9 @@
 //! reason), never from raw IDs, so cardinality stays bounded.
 
 use crate::domain::ChannelKind;
-use prometheus::{Encoder, IntCounterVec, IntGauge, Opts, Registry, TextEncoder};
+use prometheus::{
+    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts, Registry, TextEncoder,
+};
 
 #[derive(Clone)]
 pub struct Metrics {
@@ -10,6 +12,7 @@ pub struct Metrics {
     received: IntCounterVec,
     rejected: IntCounterVec,
     deduplicated: IntCounterVec,
+    webhook_seconds: HistogramVec,
     deliveries: IntCounterVec,
     pub outbox_depth: IntGauge,
     channels_unhealthy: prometheus::IntGaugeVec,
@@ -47,6 +50,17 @@ impl Metrics {
                 "switchboard_webhooks_deduplicated_total",
                 "Provider messages received again (retries) and not stored twice",
             ),
+            &["kind"],
+        )
+        .expect("valid metric");
+        let webhook_seconds = HistogramVec::new(
+            HistogramOpts::new(
+                "switchboard_webhook_duration_seconds",
+                "Time from a webhook's body read to its answer being ready (verify, normalize, durable store), by channel kind",
+            )
+            .buckets(vec![
+                0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 5.0,
+            ]),
             &["kind"],
         )
         .expect("valid metric");
@@ -94,6 +108,9 @@ impl Metrics {
                 .expect("unique metric");
         }
         registry
+            .register(Box::new(webhook_seconds.clone()))
+            .expect("unique metric");
+        registry
             .register(Box::new(outbox_depth.clone()))
             .expect("unique metric");
         registry
@@ -107,6 +124,7 @@ impl Metrics {
             received,
             rejected,
             deduplicated,
+            webhook_seconds,
             deliveries,
             outbox_depth,
             channels_unhealthy,
@@ -133,6 +151,12 @@ impl Metrics {
     }
     pub fn webhook_deduplicated(&self, kind: ChannelKind) {
         self.deduplicated.with_label_values(&[kind.as_str()]).inc();
+    }
+    /// How long the gateway took over one webhook, whatever its answer.
+    pub fn webhook_duration(&self, kind: ChannelKind, took: std::time::Duration) {
+        self.webhook_seconds
+            .with_label_values(&[kind.as_str()])
+            .observe(took.as_secs_f64());
     }
     /// `outcome`: `sent`, `retried`, `failed`.
     pub fn delivery(&self, kind: ChannelKind, outcome: &'static str) {

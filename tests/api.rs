@@ -111,6 +111,11 @@ async fn a_retried_webhook_is_stored_once_and_answered_the_same(b: Backend) {
         metrics.contains(r#"switchboard_webhooks_deduplicated_total{kind="sms"} 1"#),
         "{metrics}"
     );
+    // Both deliveries are timed, the retry as well as the first.
+    assert!(
+        metrics.contains(r#"switchboard_webhook_duration_seconds_count{kind="sms"} 2"#),
+        "{metrics}"
+    );
 }
 
 /// A forged or unsigned webhook must not create anything.

@@ -161,6 +161,28 @@ fn show_error(what: String) {
 }
 
 /// Sends one request and reads the whole answer.
+/// The cumulative buckets `(le seconds, count)` of the gateway's SMS webhook
+/// duration histogram (`+Inf` last), if it exposes one.
+async fn server_histogram(client: &Client, url: &str) -> Option<Vec<(f64, u64)>> {
+    let text = client.get(url).send().await.ok()?.text().await.ok()?;
+    let mut buckets = vec![];
+    for line in text.lines() {
+        let Some(rest) =
+            line.strip_prefix(r#"switchboard_webhook_duration_seconds_bucket{kind="sms",le=""#)
+        else {
+            continue;
+        };
+        let (le, count) = rest.split_once("\"} ")?;
+        let le = if le == "+Inf" {
+            f64::INFINITY
+        } else {
+            le.parse().ok()?
+        };
+        buckets.push((le, count.trim().parse().ok()?));
+    }
+    (!buckets.is_empty()).then_some(buckets)
+}
+
 async fn send(client: &Client, req: Request) -> (bool, Instant) {
     let ok = match client.execute(req).await {
         Ok(resp) => {
@@ -541,6 +563,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let extra_cpu_before = extra_pid
         .as_deref()
         .and_then(|p| cpu_seconds(p, cli.clk_tck));
+    let metrics_url = format!("{base}/metrics");
+    let server_hist_before = server_histogram(&client, &metrics_url).await;
     let start = Instant::now();
     let samples = match (cli.concurrency, cli.rate) {
         (Some(c), _) => {
@@ -561,6 +585,33 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         (None, None) => unreachable!(),
     };
     let seconds = start.elapsed().as_secs_f64();
+    // The gateway's own view: its webhook duration histogram over the run.
+    let server_hist = server_histogram(&client, &metrics_url)
+        .await
+        .zip(server_hist_before)
+        .map(|(after, before)| {
+            after
+                .iter()
+                .map(|(le, n)| {
+                    let was = before.iter().find(|(l, _)| l == le).map_or(0, |(_, n)| *n);
+                    (*le, n - was)
+                })
+                .collect::<Vec<_>>()
+        })
+        .filter(|h| h.last().is_some_and(|(_, n)| *n > 0));
+    let server_bucket = |q: f64| {
+        server_hist.as_ref().and_then(|h| {
+            let total = h.last()?.1 as f64;
+            h.iter()
+                .find(|(_, n)| *n as f64 >= q * total)
+                .map(|(le, _)| round(le * 1e3, 3))
+        })
+    };
+    let server_under_5ms = server_hist.as_ref().and_then(|h| {
+        let total = h.last()?.1 as f64;
+        let under = h.iter().find(|(le, _)| (*le - 0.005).abs() < 1e-9)?.1 as f64;
+        Some(round(100.0 * under / total, 2))
+    });
     let server_cpu = pid
         .as_deref()
         .and_then(|p| cpu_seconds(p, cli.clk_tck))
@@ -635,6 +686,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         "p999_ms": quantile_ms(&latency, 0.999),
         "service_p50_ms": quantile_ms(&service, 0.50),
         "service_p99_ms": quantile_ms(&service, 0.99),
+        "server_p50_le_ms": server_bucket(0.50),
+        "server_p99_le_ms": server_bucket(0.99),
+        "server_pct_under_5ms": server_under_5ms,
         "mode": format!("{:?}", cli.mode).to_lowercase(),
         "concurrency": cli.concurrency,
         "rate": cli.rate,
