@@ -55,7 +55,7 @@ fn token_of(settings: &switchboard::config::Settings, agent: &str) -> String {
 /// for both, the one who clicks gets it, replies with an attachment, ends it
 /// with a disposition; notes stay private; set as resolved, transfer, switch,
 /// outbound SMS and email (through the demo's SMTP sink) only for the right
-/// agent; failed deliveries and failed attachment downloads (the sandbox
+/// agent; an HTML email shown formatted and safe, with its inline image; failed deliveries and failed attachment downloads (the sandbox
 /// failing on purpose) shown in words, with the download tried again; the
 /// Spanish interface.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -129,6 +129,7 @@ async fn the_agent_inbox_works_in_a_real_browser() {
         "agent-outbound-sms.png",
         "agent-outbound-email.png",
         "agent-email-sent.png",
+        "agent-email-html.png",
         "agent-failed-delivery.png",
         "agent-failed-attachment.png",
         "agent-es.png",

@@ -8,7 +8,7 @@
   const $ = (id) => document.getElementById(id);
   const S = {
     lang: "en", me: null, channels: {}, queues: [], tags: [], selectedTags: new Set(),
-    items: [], current: null, files: [], events: null, outKind: null, refreshTimer: null, previewTimer: null,
+    items: [], current: null, plainText: new Set(), files: [], events: null, outKind: null, refreshTimer: null, previewTimer: null,
   };
 
   // ---------- texts ----------
@@ -390,11 +390,97 @@
     else if (/not allowed/.test(reason)) key = "media.host";
     return key ? `${t(key)} (${reason})` : reason;
   }
+  // ---------- an email's formatted body ----------
+  // The server already sanitized it (ammonia); this is a second, independent
+  // line of defence. DOMParser builds an inert document (no script runs, no
+  // image loads), and only an allow-list of elements and attributes is copied
+  // into the page: never a script, style, form, frame or event handler; links
+  // open in a new tab without a referrer; images only from this gateway's
+  // attachments. Remote images (tracking pixels) are never requested: each
+  // becomes a short note. Styles are dropped (the page's CSP refuses inline
+  // styles anyway), so the email looks plain but readable. The page's CSP is
+  // the third line: should the server ever let a handler or a style through,
+  // the browser refuses it even in the parsed copy (and says so on the console).
+  const HTML_KEEP = new Set(["a", "abbr", "b", "blockquote", "br", "caption", "cite", "code", "dd", "del", "dfn", "div",
+    "dl", "dt", "em", "h1", "h2", "h3", "h4", "h5", "h6", "hr", "i", "img", "ins", "kbd", "li", "mark", "ol", "p", "pre",
+    "q", "s", "small", "span", "strike", "strong", "sub", "sup", "table", "tbody", "td", "tfoot", "th", "thead", "tr",
+    "u", "ul"]);
+  // Dropped with everything inside; any other unknown element keeps only its children.
+  const HTML_DROP = new Set(["script", "style", "noscript", "template", "iframe", "frame", "frameset", "object", "embed",
+    "applet", "svg", "math", "form", "input", "button", "select", "textarea", "option", "link", "meta", "base", "title",
+    "head", "audio", "video", "source", "track", "canvas", "picture", "map", "area", "portal", "dialog"]);
+  const HTML_ATTRS = { a: ["href", "title"], img: ["alt", "title", "width", "height"], td: ["colspan", "rowspan"],
+    th: ["colspan", "rowspan", "scope"], ol: ["start", "type"], abbr: ["title"], q: ["cite"] };
+  function attachmentUrl(src) {
+    let u;
+    try { u = new URL(src, location.href); } catch (_) { return null; }
+    return u.origin === location.origin && /^\/api\/v1\/attachments\/[^/]+$/.test(u.pathname) ? u.pathname : null;
+  }
+  function safeHref(href) {
+    let u;
+    try { u = new URL(href, location.href); } catch (_) { return null; }
+    return ["http:", "https:", "mailto:"].includes(u.protocol) ? u.href : null;
+  }
+  function htmlBody(html) {
+    const doc = new DOMParser().parseFromString(String(html), "text/html");
+    const box = h("div", { class: "html-body" });
+    const used = new Set();
+    let remote = 0;
+    const copy = (from, to) => {
+      for (const n of from.childNodes) {
+        if (n.nodeType === Node.TEXT_NODE) { to.append(document.createTextNode(n.data)); continue; }
+        if (n.nodeType !== Node.ELEMENT_NODE) continue;
+        const tag = n.localName;
+        if (n.namespaceURI !== "http://www.w3.org/1999/xhtml" || HTML_DROP.has(tag)) continue;
+        if (!HTML_KEEP.has(tag)) { copy(n, to); continue; }
+        if (tag === "img") {
+          const src = attachmentUrl(n.getAttribute("src") || "");
+          if (!src) {
+            remote++;
+            const alt = (n.getAttribute("alt") || "").trim();
+            to.append(h("span", { class: "img-blocked", text: alt ? t("imageBlockedAlt", { alt }) : t("imageBlocked") }));
+            continue;
+          }
+          used.add(decodeURIComponent(src.split("/").pop()));
+          const img = h("img", { src, alt: n.getAttribute("alt") || "", loading: "lazy" });
+          for (const a of ["width", "height"]) {
+            const v = n.getAttribute(a);
+            if (v && /^\d{1,4}$/.test(v)) img.setAttribute(a, v);
+          }
+          const title = n.getAttribute("title");
+          if (title) img.title = title;
+          to.append(img);
+          continue;
+        }
+        const el = document.createElement(tag);
+        for (const a of HTML_ATTRS[tag] || []) {
+          const v = n.getAttribute(a);
+          if (v === null) continue;
+          if (a === "href" || a === "cite") {
+            const safe = safeHref(v);
+            if (safe) el.setAttribute(a, safe);
+          } else el.setAttribute(a, v);
+        }
+        if (tag === "a" && el.hasAttribute("href")) {
+          el.target = "_blank";
+          el.rel = "noopener noreferrer nofollow";
+        }
+        copy(n, el);
+        to.append(el);
+      }
+    };
+    copy(doc.body, box);
+    return { el: box, used, remote };
+  }
   function messageItem(m) {
     const out = m.direction === "outbound";
     const failed = out && m.status === "failed";
     const status = out ? h("span", { class: "delivery d-" + m.status, text: t("delivery." + m.status) }) : null;
-    const atts = (m.attachments || []).map((a) => {
+    // Formatted (when the email has HTML) unless the agent chose the plain text.
+    const hasHtml = typeof m.html === "string" && m.html.trim() !== "";
+    const formatted = hasHtml && !(m.text && S.plainText.has(m.id));
+    const body = formatted ? htmlBody(m.html) : null;
+    const atts = (m.attachments || []).filter((a) => !(body && body.used.has(a.id))).map((a) => {
       if (a.state === "failed") {
         return h("li", { class: "att failed" },
           h("span", { text: t(a.error ? "attachmentFailed" : "attachmentFailedNoReason", { name: a.filename, reason: mediaReason(a.error) }) }),
@@ -407,11 +493,20 @@
       }
       return h("li", { class: "att" }, h("a", { href: url, download: a.filename, text: t("download", { name: a.filename, size: fmtSize(a.size || 0) }) }));
     });
-    return h("li", { class: "msg " + (out ? "out" : "in") + (m.status === "failed" ? " failed" : "") },
+    return h("li", { class: "msg " + (out ? "out" : "in") + (m.status === "failed" ? " failed" : ""), "data-msg": m.id },
       h("div", { class: "msg-head" },
         h("span", { class: "dir", text: out ? (m.author ? `${t("outbound")} (${m.author})` : t("outbound")) : t("inbound") }),
         h("time", { datetime: m.sent_at, text: fmtTime(m.sent_at) }), status),
-      m.text ? h("p", { class: "text", text: m.text }) : null,
+      hasHtml && m.text ? h("button", { type: "button", class: "view-toggle",
+        text: t(formatted ? "showPlain" : "showFormatted"),
+        onclick: () => {
+          if (formatted) S.plainText.add(m.id); else S.plainText.delete(m.id);
+          renderThread();
+          const again = $("messages").querySelector(`[data-msg="${CSS.escape(m.id)}"] .view-toggle`);
+          if (again) again.focus();
+        } }) : null,
+      body ? body.el : m.text ? h("p", { class: "text", text: m.text }) : null,
+      body && body.remote ? h("p", { class: "remote-note", text: t("remoteImages", { n: body.remote }) }) : null,
       atts.length ? h("ul", { class: "atts" }, atts) : null,
       failed ? h("p", { class: "fail-reason", text: m.error ? t("failedBecause", { reason: deliveryReason(m.error) }) : t("failedNoReason") }) : null);
   }

@@ -50,6 +50,9 @@ window.SB_I18N = {
     noPreview: "(no message yet)", attachmentOnly: "(attachment)", assignedTo: "Assigned to {a}",
     contactNone: "—", live: "Live updates on", offline: "Reconnecting…",
     closeMenu: "Close menu", emojiInsert: "Insert {e}",
+    showPlain: "Show plain text", showFormatted: "Show formatted",
+    imageBlocked: "[remote image not loaded]", imageBlockedAlt: "[remote image not loaded: {alt}]",
+    remoteImages: "Images from other sites were not loaded, to protect your privacy ({n}).",
     field: { text: "the message", to: "the recipient", channel: "the sending channel", subject: "the subject",
       queue: "the queue", token: "the token", notes: "the notes", attachments: "the attachments", related_case: "the related case" },
     err: {
@@ -127,6 +130,9 @@ window.SB_I18N = {
     noPreview: "(sin mensajes)", attachmentOnly: "(adjunto)", assignedTo: "Asignada a {a}",
     contactNone: "—", live: "Actualización en directo", offline: "Reconectando…",
     closeMenu: "Cerrar menú", emojiInsert: "Insertar {e}",
+    showPlain: "Ver texto sin formato", showFormatted: "Ver con formato",
+    imageBlocked: "[imagen externa no cargada]", imageBlockedAlt: "[imagen externa no cargada: {alt}]",
+    remoteImages: "No se han cargado las imágenes de otros sitios, para proteger tu privacidad ({n}).",
     field: { text: "el mensaje", to: "el destinatario", channel: "el canal de envío", subject: "el asunto",
       queue: "la cola", token: "el token", notes: "las notas", attachments: "los adjuntos", related_case: "el caso relacionado" },
     err: {

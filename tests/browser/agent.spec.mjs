@@ -464,6 +464,135 @@ test("two agents work the digital inbox", async (t) => {
       assert.equal(c.body.notes, "Anne: sent the invoice");
     });
 
+    await t.test("an HTML email is shown formatted and safe, with its inline image; the toggle shows the plain text", async () => {
+      const subject = `Formatted ${stamp}`;
+      const cid = `logo-${stamp}@example.com`;
+      // Active content that must never run, whatever the server let through.
+      const html = `<html><head><script>window.__pwned = "head"; document.title = "pwned";</script></head>
+<body><p>Hello, <b>Bold words ${stamp}</b> and <a href="https://example.com/orders?id=${stamp}" onclick="window.__pwned='click'">your order</a>.</p>
+<p><img src="cid:${cid}" alt="Our logo" width="1" height="1"></p>
+<p><img src="https://tracker.example/pixel-${stamp}.gif" alt="tracker"></p>
+<img src="x" onerror="window.__pwned = 'onerror'; document.title = 'pwned'">
+<script>window.__pwned = "body"; document.title = "pwned";</script>
+<iframe src="https://example.com/"></iframe>
+</body></html>`;
+      const eml = [
+        `From: Kerry Fisher <kerry.html.${stamp}@example.com>`,
+        "To: support@demo.example",
+        `Subject: ${subject}`,
+        `Message-ID: <html-${stamp}@example.com>`,
+        `Date: ${new Date().toUTCString()}`,
+        "MIME-Version: 1.0",
+        'Content-Type: multipart/alternative; boundary="alt-b"',
+        "",
+        "--alt-b",
+        "Content-Type: text/plain; charset=utf-8",
+        "",
+        `Hello, Bold words ${stamp} (plain) and your order.`,
+        "--alt-b",
+        'Content-Type: multipart/related; boundary="rel-b"',
+        "",
+        "--rel-b",
+        "Content-Type: text/html; charset=utf-8",
+        "",
+        html,
+        "--rel-b",
+        "Content-Type: image/png",
+        "Content-Transfer-Encoding: base64",
+        `Content-ID: <${cid}>`,
+        'Content-Disposition: inline; filename="logo.png"',
+        "",
+        PIXEL.toString("base64"),
+        "--rel-b--",
+        "--alt-b--",
+        "",
+      ].join("\r\n");
+      const file = join(mkdtempSync(join(tmpdir(), "switchboard-eml-")), "html.eml");
+      writeFileSync(file, eml);
+      const remoteRequests = [];
+      const watch = (r) => { if (/tracker\.example|\/agent\/x$/.test(r.url())) remoteRequests.push(r.url()); };
+      anne.on("request", watch);
+      await simulateFile("mail-main", file);
+      await rowFor(anne, subject).click();
+      const msg = anne.locator("#messages .msg.in", { hasText: `Bold words ${stamp}` });
+      await msg.waitFor({ timeout: T });
+      const body = msg.locator(".html-body");
+      // Formatted: the bold text, the link (new tab, no referrer) and the inline image from the gateway.
+      const bold = body.locator("b", { hasText: `Bold words ${stamp}` });
+      await bold.waitFor();
+      assert.ok(Number(await bold.evaluate((el) => getComputedStyle(el).fontWeight)) >= 700, "bold is bold");
+      const link = body.getByRole("link", { name: "your order" });
+      assert.equal(await link.getAttribute("href"), `https://example.com/orders?id=${stamp}`);
+      assert.equal(await link.getAttribute("target"), "_blank");
+      assert.match(await link.getAttribute("rel"), /noopener/);
+      assert.match(await link.getAttribute("rel"), /noreferrer/);
+      const img = body.getByRole("img", { name: "Our logo" });
+      await img.waitFor();
+      assert.match(await img.getAttribute("src"), /^\/api\/v1\/attachments\/[^/]+$/);
+      await eventually("the inline image to load", () => img.evaluate((el) => el.complete && el.naturalWidth === 1));
+      assert.equal(await msg.locator(".atts").getByRole("img").count(), 0, "the inline image is not shown twice");
+      // The remote image is not fetched (tracking pixel): a note says so.
+      await msg.getByText(/Images from other sites were not loaded/).waitFor();
+      await body.getByText("[remote image not loaded: tracker]").waitFor();
+      // Nothing active ran or was copied into the page.
+      assert.equal(await anne.evaluate(() => window.__pwned), undefined, "no script ran");
+      assert.equal(await anne.title(), "Switchboard inbox");
+      assert.equal(await body.locator("script, iframe, style, [onclick], [onerror]").count(), 0);
+      assert.equal(await body.evaluate((el) => [...el.querySelectorAll("*")].some((e) => [...e.attributes].some((a) => /^on/i.test(a.name) || a.name === "style"))), false);
+      await shot(anne, "agent-email-html.png");
+      // The toggle: plain text, then formatted again.
+      await msg.getByRole("button", { name: "Show plain text" }).click();
+      await msg.getByText(`Hello, Bold words ${stamp} (plain) and your order.`).waitFor();
+      assert.equal(await msg.locator(".html-body").count(), 0);
+      await msg.locator(".atts").getByRole("img", { name: "logo.png" }).waitFor();
+      const back = msg.getByRole("button", { name: "Show formatted" });
+      assert.ok(await back.evaluate((el) => el === document.activeElement), "the toggle keeps the focus");
+      await back.click();
+      await msg.locator(".html-body b", { hasText: `Bold words ${stamp}` }).waitFor();
+      await anne.waitForTimeout(300);
+      anne.off("request", watch);
+      assert.deepEqual(remoteRequests, [], "no remote image was requested");
+      assert.equal(await anne.evaluate(() => window.__pwned), undefined, "no script ran");
+      const n = Number((await anne.locator("#thread-title").innerText()).replace(/\D/g, ""));
+      const i = (await api("anne", "GET", `/api/v1/interactions/${n}`)).body;
+      assert.match(i.messages[0].html, /<b>Bold words/);
+      // Defence in depth: even HTML the server did not sanitize is rendered inert.
+      const evil = `<p><b>Unsanitized ${stamp}</b> <a href="javascript:window.__pwned='js'">click</a></p>
+<img src="x" onerror="window.__pwned='onerror'"><svg onload="window.__pwned='svg'"></svg>
+<script>window.__pwned='script'</script><style>body{display:none}</style>
+<p style="color:red" onclick="window.__pwned='click'" id="app">styled</p>
+<form action="https://evil.example/"><input name="q"></form><iframe srcdoc="<script>parent.__pwned='frame'</script>"></iframe>
+<img src="https://tracker.example/raw-${stamp}.gif"><a href="https://example.com/ok">fine</a>`;
+      const route = `${base}/api/v1/interactions/${n}`;
+      const handler = async (r) => {
+        const res = await r.fetch();
+        const j = await res.json();
+        j.messages[0].html = evil;
+        await r.fulfill({ response: res, json: j });
+      };
+      // The inert parsed document is checked against the page's CSP, which refuses
+      // (and reports on the console) the handlers and styles it holds: expected here only.
+      const before = A.problems.length;
+      anne.on("request", watch);
+      await anne.route(route, handler);
+      await rowFor(anne, subject).click();
+      const raw = anne.locator("#messages .msg.in .html-body");
+      await raw.locator("b", { hasText: `Unsanitized ${stamp}` }).waitFor({ timeout: T });
+      await raw.getByText("styled").click();
+      await raw.locator("a", { hasText: "click" }).click();
+      await anne.waitForTimeout(300);
+      await anne.unroute(route, handler);
+      anne.off("request", watch);
+      const reports = A.problems.splice(before);
+      assert.ok(reports.every((p) => /violates the following Content Security Policy directive/.test(p)), reports.join("\n"));
+      assert.equal(await anne.evaluate(() => window.__pwned), undefined, "nothing in unsanitized HTML ran");
+      assert.equal(await raw.locator("script, style, svg, form, input, iframe, [id], [style], [onclick], [onerror]").count(), 0);
+      assert.equal(await raw.locator("a", { hasText: "click" }).getAttribute("href"), null, "javascript: links lose their address");
+      assert.equal(await raw.getByRole("link", { name: "fine" }).getAttribute("href"), "https://example.com/ok");
+      assert.deepEqual(remoteRequests, [], "no remote image was requested");
+      assert.ok(await anne.locator("#app").isVisible(), "the page's own elements are untouched");
+    });
+
     await t.test("a failed delivery shows its reason in words, and the interaction comes back open", async () => {
       // The New menu by keyboard: Enter opens it on its first item, arrows move, Enter picks.
       const focused = () => anne.evaluate(() => document.activeElement.textContent);
