@@ -202,6 +202,9 @@ pub fn sanitize_html(html: &str) -> String {
     ammonia::Builder::default()
         .url_schemes(["https", "http", "mailto", "cid"].into_iter().collect())
         .link_rel(Some("noopener noreferrer nofollow"))
+        // A document's <head> (its <title> above all) is not part of the
+        // message: its text would show as the first line of the body.
+        .clean_content_tags(["script", "style", "head", "title"].into_iter().collect())
         .clean(html)
         .to_string()
 }

@@ -25,6 +25,14 @@ fn channel() -> EmailChannel {
 }
 
 #[test]
+fn sanitized_html_drops_the_documents_head_and_title() {
+    let html = "<html><head><title>pwned</title><style>b{}</style></head>\
+                <body><b>Hello</b><script>alert(1)</script></body></html>";
+    let clean = parse::sanitize_html(html);
+    assert_eq!(clean, "<b>Hello</b>");
+}
+
+#[test]
 fn utf8_subject_name_and_body() {
     let p = parsed("utf8_plain.eml");
     assert_eq!(p.from_address, "renee@example.com");
