@@ -31,6 +31,7 @@ use parking_lot::Mutex;
 use redb::{Database, ReadableTable, TableDefinition};
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::{broadcast, mpsc, oneshot};
@@ -78,6 +79,14 @@ struct State {
 pub struct EmbeddedStore {
     db: Arc<Database>,
     state: Mutex<State>,
+    /// Set when a log write failed. The mirror may then hold changes that
+    /// never reached the disk, so from then on the store refuses commits and
+    /// dedupe lookups (and `/readyz` fails) rather than answer from them:
+    /// a provider's retry gets 503 and comes back after a restart, which
+    /// replays the log up to its last good frame.
+    broken: Arc<AtomicBool>,
+    #[cfg(test)]
+    fail_writes: Arc<AtomicBool>,
     writer: mpsc::UnboundedSender<WriteRequest>,
     events: broadcast::Sender<Event>,
     retention: chrono::Duration,
@@ -133,6 +142,8 @@ impl EmbeddedStore {
         let (tx, rx) = mpsc::unbounded_channel();
         let (events, _) = broadcast::channel(4096);
         let log = Wal::open(&dir.join("wal"), recovered.slots, next_seq)?;
+        #[cfg(test)]
+        let fail_writes = log.fail.clone();
         let (ck_tx, ck_rx) = std::sync::mpsc::channel();
         let ck_db = db.clone();
         let ck_free = log.free_slots();
@@ -141,16 +152,33 @@ impl EmbeddedStore {
             .spawn(move || wal::checkpointer(ck_db, ck_rx, ck_free))?;
         let writer_db = db.clone();
         let writer_events = events.clone();
+        let broken = Arc::new(AtomicBool::new(false));
+        let writer_broken = broken.clone();
         std::thread::Builder::new()
             .name("embedded-writer".into())
-            .spawn(move || writer_loop(writer_db, log, rx, ck_tx, writer_events))?;
+            .spawn(move || writer_loop(writer_db, log, rx, ck_tx, writer_events, writer_broken))?;
         Ok(Arc::new(EmbeddedStore {
             db,
             state: Mutex::new(state),
+            broken,
+            #[cfg(test)]
+            fail_writes,
             writer: tx,
             events,
             retention: chrono::Duration::from_std(retention)?,
         }))
+    }
+
+    fn usable(&self) -> StoreResult<()> {
+        if self.broken.load(Ordering::SeqCst) {
+            return Err(unavailable(
+                "a write to the log failed; restart the gateway to recover from the log",
+            ));
+        }
+        if self.writer.is_closed() {
+            return Err(unavailable("the writer has stopped"));
+        }
+        Ok(())
     }
 
     async fn write(&self, ops: Vec<Op>, events: Vec<Event>) -> StoreResult<()> {
@@ -284,6 +312,7 @@ fn writer_loop(
     mut rx: mpsc::UnboundedReceiver<WriteRequest>,
     checkpointer: std::sync::mpsc::Sender<wal::ToCheckpointer>,
     events: broadcast::Sender<Event>,
+    broken: Arc<AtomicBool>,
 ) {
     while let Some(first) = rx.blocking_recv() {
         let mut batch = vec![first];
@@ -306,7 +335,10 @@ fn writer_loop(
                 Ok(())
             }
             Err(e) => {
-                tracing::error!(error = %e, "embedded store commit failed");
+                tracing::error!(error = %e, "embedded store: a log write failed; refusing writes until restart");
+                // Before anyone hears of the failure: nothing may be answered
+                // from the mirror's unwritten changes after this.
+                broken.store(true, Ordering::SeqCst);
                 Err(e.to_string())
             }
         };
@@ -317,6 +349,10 @@ fn writer_loop(
                 }
             }
             let _ = req.done.send(result.clone());
+        }
+        if result.is_err() {
+            // Fail-stop: a later frame must never be durable without this one.
+            break;
         }
         if log.age() >= CHECKPOINT_EVERY {
             rotate(&mut log, &checkpointer);
@@ -363,6 +399,7 @@ impl Store for EmbeddedStore {
         let mut stored_events = vec![];
         {
             let mut st = self.state.lock();
+            self.usable()?;
             // Validate everything first: nothing is applied unless all of it holds.
             for claim in &commit.claims {
                 if let Some(value) = st.claims.get(&claim.key) {
@@ -484,6 +521,7 @@ impl Store for EmbeddedStore {
     }
 
     async fn lookup(&self, key: &str) -> StoreResult<Option<String>> {
+        self.usable()?;
         Ok(self.state.lock().claims.get(key).cloned())
     }
 
@@ -618,9 +656,65 @@ impl Store for EmbeddedStore {
     }
 
     async fn ping(&self) -> StoreResult<()> {
-        if self.writer.is_closed() {
-            return Err(unavailable("the writer has stopped"));
+        self.usable()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::Claim;
+
+    fn claim(key: &str) -> Commit {
+        Commit {
+            claims: vec![Claim {
+                key: key.into(),
+                value: "1001:m".into(),
+            }],
+            ..Commit::default()
         }
-        Ok(())
+    }
+
+    /// After a failed log write the mirror may hold a claim that never
+    /// reached the disk: a provider's retry must get "unavailable", never
+    /// "already stored", and a restart must show only what was written.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_failed_log_write_stops_the_store_and_a_restart_shows_only_what_was_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = EmbeddedStore::open(dir.path(), Duration::from_secs(3600)).unwrap();
+        store.commit(claim("msg:sms:SMgood")).await.unwrap();
+        store.fail_writes.store(true, Ordering::SeqCst);
+        let failed = store.commit(claim("msg:sms:SMlost")).await;
+        assert!(
+            matches!(failed, Err(StoreError::Unavailable(_))),
+            "{failed:?}"
+        );
+        // The retry: no dedupe answer from the unwritten claim.
+        let lookup = store.lookup("msg:sms:SMlost").await;
+        assert!(
+            matches!(lookup, Err(StoreError::Unavailable(_))),
+            "{lookup:?}"
+        );
+        let again = store.commit(claim("msg:sms:SMlost")).await;
+        assert!(
+            matches!(again, Err(StoreError::Unavailable(_))),
+            "{again:?}"
+        );
+        assert!(store.ping().await.is_err(), "readyz must fail");
+        drop(store);
+
+        let store = loop {
+            match EmbeddedStore::open(dir.path(), Duration::from_secs(3600)) {
+                Ok(s) => break s,
+                Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+            }
+        };
+        store.ping().await.unwrap();
+        assert_eq!(
+            store.lookup("msg:sms:SMgood").await.unwrap().as_deref(),
+            Some("1001:m")
+        );
+        assert_eq!(store.lookup("msg:sms:SMlost").await.unwrap(), None);
+        store.commit(claim("msg:sms:SMlost")).await.unwrap();
     }
 }

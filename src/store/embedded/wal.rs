@@ -259,6 +259,9 @@ pub struct Wal {
     buf: Vec<u8>,
     /// Room for the frame at an [`ALIGN`]ed address, as direct I/O needs.
     aligned: Vec<u8>,
+    /// Tests set it to make the next appends fail as a full or broken disk would.
+    #[cfg(test)]
+    pub fail: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// Opens a slot for appending, with direct I/O where the filesystem allows
@@ -311,6 +314,8 @@ impl Wal {
             slots,
             buf: Vec::with_capacity(64 << 10),
             aligned: vec![],
+            #[cfg(test)]
+            fail: Arc::default(),
         })
     }
 
@@ -327,6 +332,10 @@ impl Wal {
     /// in the open segment, that segment is closed first and returned: the
     /// caller reports it to the checkpointer before this frame's ops.
     pub fn append(&mut self, ops: &[Op]) -> std::io::Result<Option<Closed>> {
+        #[cfg(test)]
+        if self.fail.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(std::io::Error::other("injected: no space left on device"));
+        }
         self.buf.clear();
         self.buf.resize(HEADER, 0);
         encode(ops, &mut self.buf);
