@@ -799,16 +799,10 @@ async fn attachments_are_sent_as_expiring_links(b: Backend) {
             .mime_str("image/png")
             .unwrap(),
     );
-    let r = app
-        .http
-        .post(format!("{}/api/v1/interactions/{case}/replies", app.url))
-        .bearer_auth(ANNE)
-        .multipart(big)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status().as_u16(), 413);
-    let v: Value = r.json().await.unwrap();
+    let (status, v) = app
+        .post_multipart(ANNE, &format!("/api/v1/interactions/{case}/replies"), big)
+        .await;
+    assert_eq!(status, 413, "{v}");
     assert_eq!(v["code"], "attachment_too_large");
     let png = b"\x89PNG\r\n\x1a\nfake image".to_vec();
     let form = reqwest::multipart::Form::new()
@@ -820,15 +814,10 @@ async fn attachments_are_sent_as_expiring_links(b: Backend) {
                 .mime_str("image/png")
                 .unwrap(),
         );
-    let r = app
-        .http
-        .post(format!("{}/api/v1/interactions/{case}/replies", app.url))
-        .bearer_auth(ANNE)
-        .multipart(form)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status().as_u16(), 202);
+    let (status, body) = app
+        .post_multipart(ANNE, &format!("/api/v1/interactions/{case}/replies"), form)
+        .await;
+    assert_eq!(status, 202, "{body}");
     app.wait_for(case, "sent", |i| i["messages"][1]["status"] == "sent")
         .await;
     let received = app.twilio.received_requests().await.unwrap();

@@ -943,15 +943,10 @@ async fn uploads_are_capped_typed_and_reach_the_agent() {
                 .mime_str("application/pdf")
                 .unwrap(),
         );
-    let r = app
-        .http
-        .post(format!("{}/api/v1/interactions/{case}/replies", app.url))
-        .bearer_auth(ANNE)
-        .multipart(form)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status().as_u16(), 202);
+    let (status, body) = app
+        .post_multipart(ANNE, &format!("/api/v1/interactions/{case}/replies"), form)
+        .await;
+    assert_eq!(status, 202, "{body}");
     let f = ws
         .until("the reply", |f| {
             f["type"] == "message" && f["message"]["direction"] == "outbound"

@@ -558,16 +558,10 @@ async fn outbound_email_reaches_smtp_and_the_answer_threads_back(b: Backend) {
                 .mime_str("application/pdf")
                 .unwrap(),
         );
-    let r = app
-        .http
-        .post(format!("{}/api/v1/outbound/email", app.url))
-        .bearer_auth(ANNE)
-        .multipart(form)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status().as_u16(), 202);
-    let v: Value = r.json().await.unwrap();
+    let (status, v) = app
+        .post_multipart(ANNE, "/api/v1/outbound/email", form)
+        .await;
+    assert_eq!(status, 202, "{v}");
     let case2 = v["case_number"].as_u64().unwrap();
     app.deliver().await;
     let i2 = app

@@ -262,6 +262,25 @@ impl TestApp {
         self.send("POST", token, path, body).await
     }
 
+    /// POSTs a multipart form (a reply or outbound message with files).
+    pub async fn post_multipart(
+        &self,
+        token: &str,
+        path: &str,
+        form: reqwest::multipart::Form,
+    ) -> (u16, Value) {
+        let r = self
+            .http
+            .post(format!("{}{path}", self.url))
+            .bearer_auth(token)
+            .multipart(form)
+            .send()
+            .await
+            .unwrap();
+        let status = r.status().as_u16();
+        (status, r.json().await.unwrap_or(Value::Null))
+    }
+
     /// The only interaction of the SMS channel's queue, for tests with one customer.
     pub async fn only_case(&self) -> u64 {
         let (s, v) = self.get(ANNE, "/api/v1/interactions?view=all").await;
