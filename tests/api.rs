@@ -98,15 +98,7 @@ async fn a_retried_webhook_is_stored_once_and_answered_the_same(b: Backend) {
         1
     );
     assert_eq!(app.events().await.len(), 2);
-    let metrics = app
-        .http
-        .get(format!("{}/metrics", app.url))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = app.metrics().await;
     assert!(
         metrics.contains(r#"switchboard_webhooks_deduplicated_total{kind="sms"} 1"#),
         "{metrics}"
@@ -1039,15 +1031,7 @@ async fn a_reply_is_given_up_after_the_retry_window() {
     let wanted = r#"switchboard_deliveries_total{kind="sms",outcome="failed"} 1"#;
     let mut m = String::new();
     for _ in 0..50 {
-        m = app
-            .http
-            .get(format!("{}/metrics", app.url))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        m = app.metrics().await;
         if m.contains(wanted) {
             break;
         }

@@ -164,15 +164,7 @@ async fn operations_routes_answer() {
         .unwrap();
     assert_eq!(r["channels"]["sms-main"], "ok");
     app.sms_from("+14158675309", "hi", "SMmetrics").await;
-    let m = app
-        .http
-        .get(format!("{}/metrics", app.url))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let m = app.metrics().await;
     assert!(
         m.contains(r#"switchboard_webhooks_received_total{kind="sms"} 1"#),
         "{m}"

@@ -137,15 +137,7 @@ async fn download(app: &TestApp, id: &str) -> (u16, Vec<u8>) {
 }
 
 async fn metric(app: &TestApp, line_start: &str) -> Option<f64> {
-    let text = app
-        .http
-        .get(format!("{}/metrics", app.url))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = app.metrics().await;
     text.lines()
         .find(|l| l.starts_with(line_start))
         .and_then(|l| l.rsplit(' ').next())

@@ -508,15 +508,7 @@ async fn whatsapp_error_codes_are_mapped() {
         r["status"], "ready",
         "channels being unhealthy does not make the gateway unready"
     );
-    let m = app
-        .http
-        .get(format!("{}/metrics", app.url))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let m = app.metrics().await;
     assert!(
         m.contains(r#"switchboard_channels_unhealthy{kind="whatsapp",state="needs_reauth"} 1"#),
         "{m}"

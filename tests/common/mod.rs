@@ -262,6 +262,18 @@ impl TestApp {
         self.send("POST", token, path, body).await
     }
 
+    /// The Prometheus text of `/metrics`.
+    pub async fn metrics(&self) -> String {
+        self.http
+            .get(format!("{}/metrics", self.url))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
+
     /// POSTs a multipart form (a reply or outbound message with files).
     pub async fn post_multipart(
         &self,
