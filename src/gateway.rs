@@ -454,6 +454,7 @@ impl Gateway {
             let mut contact = self
                 .find_or_new_contact(ch, &digital_id, &aliases, now)
                 .await?;
+            let as_read = (contact.version > 0).then(|| contact.clone());
             let mut index = vec![];
             for alias in &aliases {
                 if !contact.aliases.iter().any(|a| a == alias.as_str())
@@ -565,6 +566,7 @@ impl Gateway {
             index.extend(attachment_index(case_number, &message_id, &attachments));
             index.extend(attachment_index(case_number, &message_id, raw.as_slice()));
             let commit = Commit {
+                contact_unchanged: as_read.as_ref() == Some(&contact),
                 contact: Some(contact),
                 interaction: Some(interaction),
                 claims: vec![Claim {

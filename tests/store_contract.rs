@@ -117,6 +117,7 @@ macro_rules! contract {
 contract!(
     commit_stores_interaction_and_contact_with_bumped_versions,
     stale_version_is_a_conflict_and_writes_nothing,
+    an_unchanged_contact_is_checked_but_not_rewritten,
     concurrent_commits_of_one_version_let_exactly_one_win,
     claim_is_taken_once_and_keeps_its_first_value,
     commit_with_one_duplicate_claim_writes_nothing,
@@ -394,6 +395,7 @@ async fn stale_version_is_a_conflict_and_writes_nothing(store: DynStore) {
             events: later.events.clone(),
             outbox_add: vec![job(stored.case_number, Utc::now())],
             outbox_remove: vec![],
+            contact_unchanged: false,
         })
         .await;
     assert!(matches!(refused, Err(StoreError::Conflict)), "{refused:?}");
@@ -446,6 +448,57 @@ async fn stale_version_is_a_conflict_and_writes_nothing(store: DynStore) {
         None
     );
     assert_eq!(store.lookup(&ghost.claim.key).await.unwrap(), None);
+}
+
+/// A message from a known sender leaves the contact as it is: its version is
+/// still checked (a stale one refuses the whole commit) but it is not
+/// rewritten, so it keeps its version.
+async fn an_unchanged_contact_is_checked_but_not_rewritten(store: DynStore) {
+    let first = first_message(&store, "15551234567", "support").await;
+    store.commit(first.commit()).await.unwrap();
+    let contact = store.contact(&first.contact.key).await.unwrap().unwrap();
+    let i = store
+        .interaction(first.interaction.case_number)
+        .await
+        .unwrap()
+        .unwrap();
+
+    let mut stale = contact.clone();
+    stale.version = 0;
+    let refused = store
+        .commit(Commit {
+            contact: Some(stale),
+            contact_unchanged: true,
+            interaction: Some(i.clone()),
+            ..Commit::default()
+        })
+        .await;
+    assert!(matches!(refused, Err(StoreError::Conflict)), "{refused:?}");
+    assert_eq!(
+        store.interaction(i.case_number).await.unwrap(),
+        Some(i.clone())
+    );
+
+    store
+        .commit(Commit {
+            contact: Some(contact.clone()),
+            contact_unchanged: true,
+            interaction: Some(i.clone()),
+            ..Commit::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        store.contact(&first.contact.key).await.unwrap(),
+        Some(contact.clone()),
+        "same contact, same version"
+    );
+    assert_eq!(
+        store.contact_by_id(&contact.id).await.unwrap(),
+        Some(contact.clone())
+    );
+    let i2 = store.interaction(i.case_number).await.unwrap().unwrap();
+    assert_eq!(i2.version, i.version + 1, "the interaction was written");
 }
 
 /// Two gateways changing one interaction at the same moment: one wins, the

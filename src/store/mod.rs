@@ -69,6 +69,10 @@ pub struct Commit {
     /// Written if its `version` still matches the stored one (0: must not
     /// exist yet). The store bumps the version.
     pub contact: Option<Contact>,
+    /// The contact is as it was read: its version is checked as above, but
+    /// it is not written and its version stays (a message from a known
+    /// sender changes the interaction, not the contact).
+    pub contact_unchanged: bool,
     /// The same, for an interaction.
     pub interaction: Option<Interaction>,
     /// Keys that must not be claimed yet; all are claimed by this commit.

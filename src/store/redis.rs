@@ -129,7 +129,7 @@ end
 -- 3. Everything else.
 for _, cl in ipairs(c.claims) do redis.call('SET', cl[2], cl[3]) end
 for _, ix in ipairs(c.index) do redis.call('SET', ix[1], ix[2]) end
-if c.contact then
+if c.contact and c.contact.write then
   redis.call('HSET', c.contact.key, 'v', c.contact.next, 'json', c.contact.json)
   redis.call('SET', c.contact.id_key, c.contact.domain_key)
 end
@@ -589,9 +589,10 @@ impl Store for RedisStore {
                 "key": k.contact(&c.key),
                 "expect": c.version.to_string(),
                 "next": stored.version.to_string(),
-                "json": json(&stored),
+                "json": if commit.contact_unchanged { String::new() } else { json(&stored) },
                 "id_key": k.contact_id(&c.id),
                 "domain_key": c.key,
+                "write": !commit.contact_unchanged,
             });
         }
         if let Some(i) = &commit.interaction {

@@ -430,7 +430,7 @@ impl Store for EmbeddedStore {
                 ops.push(Op::Claim(claim.key.clone(), claim.value.clone()));
                 st.claims.insert(claim.key, claim.value);
             }
-            if let Some(mut c) = commit.contact.take() {
+            if let Some(mut c) = commit.contact.take().filter(|_| !commit.contact_unchanged) {
                 c.version += 1;
                 ops.push(Op::Contact(c.key.clone(), json(&c)));
                 st.contact_keys.insert(c.id.clone(), c.key.clone());
