@@ -14,10 +14,11 @@
 //! caller's future resolves only after its frame is durable; only then is its
 //! webhook acknowledged and are its events published.
 //!
-//! A checkpointer thread folds the log into redb in the background: every
-//! second or so (when a segment is closed) it writes the latest value of each
-//! key touched since the last checkpoint in one redb transaction, records the
-//! segment it covered, and hands the segment back to be reused. A restart
+//! A checkpointer thread folds the log into redb in the background: it
+//! writes the latest value of each key in small non-durable transactions as
+//! the log grows, and when a segment is closed (every second or so) it
+//! commits the rest durably, records the segment it covered, and hands the
+//! segment back to be reused. A restart
 //! replays the segments newer than the last checkpoint. An interaction is
 //! stored as a header plus one record per message, and a commit writes only
 //! the messages that changed, so a new message costs the same however long
@@ -52,6 +53,10 @@ const KV: TableDefinition<&str, &str> = TableDefinition::new("kv");
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 
 const FIRST_CASE_NUMBER: u64 = 1001;
+/// redb's page cache. Reads are served from the mirror, so the cache only
+/// speeds up the checkpointer's B-tree updates; redb's default (1 GiB)
+/// would grow the process by that much for nothing.
+const REDB_CACHE_BYTES: usize = 64 << 20;
 /// A log segment is closed and folded into redb once it is this old.
 const CHECKPOINT_EVERY: Duration = Duration::from_secs(1);
 
@@ -105,7 +110,10 @@ impl EmbeddedStore {
     /// least `retention` long. Changes still in the log are replayed first.
     pub fn open(dir: &Path, retention: Duration) -> anyhow::Result<Arc<EmbeddedStore>> {
         std::fs::create_dir_all(dir)?;
-        let db = Database::create(dir.join("switchboard.redb"))?;
+        let db_file = dir.join("switchboard.redb");
+        let db = redb::Builder::new()
+            .set_cache_size(REDB_CACHE_BYTES)
+            .create(&db_file)?;
         {
             let w = db.begin_write()?;
             w.open_table(INTERACTIONS)?;
@@ -133,7 +141,7 @@ impl EmbeddedStore {
             for ops in recovered.frames {
                 pending.add(ops);
             }
-            pending.flush(&db, last)?;
+            pending.flush(&db, Some(last))?;
             next_seq = last + 1;
         }
         migrate_inline_messages(&db)?;
@@ -149,7 +157,7 @@ impl EmbeddedStore {
         let ck_free = log.free_slots();
         std::thread::Builder::new()
             .name("embedded-checkpoint".into())
-            .spawn(move || wal::checkpointer(ck_db, ck_rx, ck_free))?;
+            .spawn(move || wal::checkpointer(ck_db, db_file, ck_rx, ck_free))?;
         let writer_db = db.clone();
         let writer_events = events.clone();
         let broken = Arc::new(AtomicBool::new(false));

@@ -13,10 +13,13 @@
 //! slot's earlier use, or a frame torn by a crash (never acknowledged, so
 //! nothing is lost by stopping there).
 //!
-//! A segment is closed about once a second; the checkpointer then writes the
-//! latest value of every key it touched into redb in one transaction that also
-//! records the segment's number as `checkpointed`, and only then is the slot
-//! reused. Recovery replays, in order, every segment numbered after
+//! The checkpointer folds the ops into redb as they come: the latest value
+//! of each key, in non-durable transactions of about [`CHUNK_KEYS`] keys
+//! whose writeback it starts at once. A segment is closed about once a
+//! second (or when its slot is full); the checkpointer then writes what is
+//! left in a durable transaction that also records the segment's number as
+//! `checkpointed`, and only then is the slot reused. A crash rolls redb back
+//! to its last durable transaction. Recovery replays, in order, every segment numbered after
 //! `checkpointed`; replaying is idempotent because every op sets or removes
 //! a whole record.
 
@@ -508,10 +511,16 @@ impl Pending {
         }
     }
 
-    /// Writes everything pending into redb in one durable transaction that
-    /// records `through` as checkpointed; pending is empty afterwards.
-    pub fn flush(&mut self, db: &Database, through: u64) -> anyhow::Result<()> {
-        let w = db.begin_write()?;
+    /// Writes everything pending into redb in one transaction; pending is
+    /// empty afterwards. With `through`, the transaction is durable and
+    /// records that segment as checkpointed; without, it is not durable (a
+    /// step before the segment's end: a crash rolls it back, and the log
+    /// still holds it).
+    pub fn flush(&mut self, db: &Database, through: Option<u64>) -> anyhow::Result<()> {
+        let mut w = db.begin_write()?;
+        if through.is_none() {
+            w.set_durability(redb::Durability::None);
+        }
         {
             let mut interactions = w.open_table(INTERACTIONS)?;
             let mut messages = w.open_table(MESSAGES)?;
@@ -558,7 +567,9 @@ impl Pending {
                     (_, None) => {}
                 }
             }
-            meta.insert("checkpointed", through)?;
+            if let Some(through) = through {
+                meta.insert("checkpointed", through)?;
+            }
         }
         w.commit()?;
         self.0.clear();
@@ -573,22 +584,41 @@ pub enum ToCheckpointer {
     SegmentEnd(Closed),
 }
 
+/// Pending keys written per intermediate (non-durable) redb transaction.
+/// Between segment ends, the checkpointer writes what has piled up in
+/// transactions of about this size and starts their writeback at once, so
+/// redb's pages reach the disk in small steps. Written all at once at the end
+/// of a segment, they came as megabytes in one burst, and every log flush
+/// during that burst waited for them (the disk flushes its whole cache).
+const CHUNK_KEYS: usize = 512;
+
 /// Folds closed segments into redb and hands their slots back. Runs until
 /// the writer lets go of its end of the channel.
 pub fn checkpointer(
     db: Arc<Database>,
+    db_file: PathBuf,
     rx: std::sync::mpsc::Receiver<ToCheckpointer>,
     slots: Slots,
 ) {
     let mut pending = Pending::default();
     let mut waiting: Vec<PathBuf> = vec![];
+    // Only to start writeback of redb's file (see `CHUNK_KEYS`).
+    let writeback = File::open(&db_file).ok();
     slots.keep_spare();
     while let Ok(msg) = rx.recv() {
         match msg {
-            ToCheckpointer::Ops(ops) => pending.add(ops),
+            ToCheckpointer::Ops(ops) => {
+                pending.add(ops);
+                if pending.0.len() >= CHUNK_KEYS {
+                    match pending.flush(&db, None) {
+                        Ok(()) => start_writeback(writeback.as_ref()),
+                        Err(e) => tracing::error!(error = %e, "checkpoint step failed"),
+                    }
+                }
+            }
             ToCheckpointer::SegmentEnd(closed) => {
                 waiting.push(closed.slot);
-                match pending.flush(&db, closed.seq) {
+                match pending.flush(&db, Some(closed.seq)) {
                     Ok(()) => {
                         for slot in waiting.drain(..) {
                             slots.give_back(slot);
@@ -601,6 +631,21 @@ pub fn checkpointer(
             }
         }
     }
+}
+
+/// Asks the kernel to start writing the file's dirty pages now, without
+/// waiting for them.
+fn start_writeback(file: Option<&File>) {
+    #[cfg(target_os = "linux")]
+    if let Some(f) = file {
+        use std::os::fd::AsRawFd;
+        // SAFETY: a valid open descriptor; the call only schedules writeback.
+        unsafe {
+            libc::sync_file_range(f.as_raw_fd(), 0, 0, libc::SYNC_FILE_RANGE_WRITE);
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = file;
 }
 
 #[cfg(test)]
