@@ -68,6 +68,7 @@ pub struct SimulatedRequest {
 pub struct Verified<'a> {
     body: &'a [u8],
     content_type: &'a str,
+    form: Option<Vec<(String, String)>>,
 }
 
 impl<'a> Verified<'a> {
@@ -76,7 +77,20 @@ impl<'a> Verified<'a> {
         Verified {
             body: req.body,
             content_type: req.content_type,
+            form: None,
         }
+    }
+    /// The same, keeping the form fields `verify` already parsed so that
+    /// `normalize` need not parse the body again.
+    pub(crate) fn with_form(req: &RawRequest<'a>, form: Vec<(String, String)>) -> Verified<'a> {
+        Verified {
+            form: Some(form),
+            ..Verified::new(req)
+        }
+    }
+    /// The form fields `verify` parsed, if it kept them.
+    pub fn form(&self) -> Option<&[(String, String)]> {
+        self.form.as_deref()
     }
     pub fn body(&self) -> &'a [u8] {
         self.body

@@ -184,6 +184,21 @@ impl Message {
 
     /// The message as agents, events and routing engines see it: without
     /// the provider's media URLs (kept only to retry a failed download).
+    /// [`Message::public`] as JSON, without copying the message when it has
+    /// nothing to hide.
+    pub fn public_json(&self) -> serde_json::Value {
+        let hidden = self
+            .attachments
+            .iter()
+            .any(|a| a.source_url.is_some() || a.source_media_id.is_some());
+        let json = if hidden {
+            serde_json::to_value(self.public())
+        } else {
+            serde_json::to_value(self)
+        };
+        json.expect("messages always serialize")
+    }
+
     pub fn public(&self) -> Message {
         let mut m = self.clone();
         for a in &mut m.attachments {
@@ -370,7 +385,7 @@ impl Interaction {
         events.push(self.event(
             "message.received",
             now,
-            serde_json::json!({"message": msg.public()}),
+            serde_json::json!({"message": msg.public_json()}),
         ));
         self.messages.push(msg);
         events

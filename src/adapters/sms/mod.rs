@@ -189,10 +189,18 @@ impl WebhookIntake for SmsChannel {
                 }
             )));
         }
-        // Read leniently to check the signature (it must be checked before we
-        // say anything about the body), strictly once it holds.
-        let params: Vec<(String, String)> =
-            url::form_urlencoded::parse(req.body).into_owned().collect();
+        // The signature is checked before we say anything about the body: a
+        // body the strict parser refuses is read leniently for the check, and
+        // refused as malformed only once the signature holds.
+        let strict = form::parse(req.body);
+        let params = match &strict {
+            Ok(params) => std::borrow::Cow::Borrowed(params),
+            Err(_) => std::borrow::Cow::Owned(
+                url::form_urlencoded::parse(req.body)
+                    .into_owned()
+                    .collect::<Vec<_>>(),
+            ),
+        };
         let url = self.signed_url(req.path, req.query);
         let tokens: Vec<&str> = self.auth_tokens.iter().map(String::as_str).collect();
         if !signature::validate(&tokens, &url, &params, signature) {
@@ -201,13 +209,21 @@ impl WebhookIntake for SmsChannel {
                  server.public_url is the URL Twilio calls (we checked {url})"
             )));
         }
-        form::parse(req.body).map_err(IntakeError::Malformed)?;
-        Ok(Verified::new(req))
+        drop(params);
+        Ok(Verified::with_form(
+            req,
+            strict.map_err(IntakeError::Malformed)?,
+        ))
     }
 
     fn normalize(&self, req: &Verified<'_>) -> Result<Vec<Inbound>, IntakeError> {
-        let params = form::parse(req.body()).map_err(IntakeError::Malformed)?;
-        normalize_params(&Params(params), Utc::now())
+        match req.form() {
+            Some(params) => normalize_params(&Params(params), Utc::now()),
+            None => {
+                let params = form::parse(req.body()).map_err(IntakeError::Malformed)?;
+                normalize_params(&Params(&params), Utc::now())
+            }
+        }
     }
 
     fn ack(&self) -> WebhookAck {
@@ -220,9 +236,9 @@ impl WebhookIntake for SmsChannel {
 }
 
 /// Form parameters, looked up by name (first value).
-struct Params(Vec<(String, String)>);
+struct Params<'a>(&'a [(String, String)]);
 
-impl Params {
+impl Params<'_> {
     fn get(&self, name: &str) -> Option<&str> {
         self.0
             .iter()

@@ -484,7 +484,14 @@ impl Store for EmbeddedStore {
                 }
             }
         }
-        self.write(ops, stored_events.clone()).await?;
+        // Events go to subscribers after the write; with none listening
+        // (no agent connected, no sink), there is nothing to copy.
+        let publish = if self.events.receiver_count() > 0 {
+            stored_events.clone()
+        } else {
+            vec![]
+        };
+        self.write(ops, publish).await?;
         Ok(stored_events)
     }
 
