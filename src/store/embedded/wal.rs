@@ -26,7 +26,7 @@
 use super::{CLAIMS, CONTACTS, EVENTS, INTERACTIONS, KV, MESSAGES, META, NOTES, OUTBOX};
 use parking_lot::Mutex;
 use redb::Database;
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::os::unix::fs::FileExt;
@@ -475,7 +475,7 @@ fn read_segment(data: &[u8], seq: u64) -> Vec<Vec<Op>> {
 
 // ----- checkpoints ------------------------------------------------------------
 
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 enum Key {
     Interaction(u64),
     Message(u64, u32),
@@ -490,7 +490,7 @@ enum Key {
 /// The latest value of every key changed since the last checkpoint
 /// (`None`: removed).
 #[derive(Default)]
-pub struct Pending(HashMap<Key, Option<Vec<u8>>>);
+pub struct Pending(BTreeMap<Key, Option<Vec<u8>>>);
 
 impl Pending {
     pub fn add(&mut self, ops: Vec<Op>) {
