@@ -690,6 +690,41 @@ mod tests {
         }
     }
 
+    /// The checkpointer yields to the threads answering webhooks.
+    #[cfg(target_os = "linux")]
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_checkpointer_runs_at_a_lower_priority() {
+        fn nice(stat: &str) -> i64 {
+            // Fields after the command name (which ends with ')'): nice is the 19th field.
+            let rest = &stat[stat.rfind(')').unwrap() + 2..];
+            rest.split(' ').nth(16).unwrap().parse().unwrap()
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let store = EmbeddedStore::open(dir.path(), Duration::from_secs(3600)).unwrap();
+        store.commit(claim("msg:sms:SMnice")).await.unwrap();
+        let own = nice(&std::fs::read_to_string("/proc/thread-self/stat").unwrap());
+        let mut found = None;
+        for _ in 0..100 {
+            for task in std::fs::read_dir("/proc/self/task").unwrap() {
+                let task = task.unwrap().path();
+                let comm = std::fs::read_to_string(task.join("comm")).unwrap_or_default();
+                if comm.trim() == "embedded-checkp" {
+                    let stat = std::fs::read_to_string(task.join("stat")).unwrap();
+                    found = Some(nice(&stat));
+                }
+            }
+            if found.is_some_and(|n| n > own) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(
+            found,
+            Some((own + 10).min(19)),
+            "this thread's nice is {own}"
+        );
+    }
+
     /// After a failed log write the mirror may hold a claim that never
     /// reached the disk: a provider's retry must get "unavailable", never
     /// "already stored", and a restart must show only what was written.

@@ -600,6 +600,7 @@ pub fn checkpointer(
     rx: std::sync::mpsc::Receiver<ToCheckpointer>,
     slots: Slots,
 ) {
+    lower_priority();
     let mut pending = Pending::default();
     let mut waiting: Vec<PathBuf> = vec![];
     // Only to start writeback of redb's file (see `CHUNK_KEYS`).
@@ -632,6 +633,23 @@ pub fn checkpointer(
         }
     }
 }
+
+/// Runs this thread behind the ones answering webhooks: a checkpoint step
+/// is never urgent, and on two cores it otherwise holds one for several
+/// milliseconds while acknowledgements queue behind it.
+fn lower_priority() {
+    #[cfg(target_os = "linux")]
+    // SAFETY: plain system calls on this thread's own ID.
+    unsafe {
+        let tid = libc::gettid() as libc::id_t;
+        let now = libc::getpriority(libc::PRIO_PROCESS, tid);
+        libc::setpriority(libc::PRIO_PROCESS, tid, (now + CHECKPOINT_NICE).min(19));
+    }
+}
+
+/// How much lower (in nice steps) the checkpointer runs than the rest of
+/// the gateway.
+const CHECKPOINT_NICE: i32 = 10;
 
 /// Asks the kernel to start writing the file's dirty pages now, without
 /// waiting for them.
