@@ -322,6 +322,11 @@ fn writer_loop(
     events: broadcast::Sender<Event>,
     broken: Arc<AtomicBool>,
 ) {
+    let mut handoff = Handoff {
+        to: checkpointer,
+        ops: vec![],
+        since: Instant::now(),
+    };
     while let Some(first) = rx.blocking_recv() {
         let mut batch = vec![first];
         while batch.len() < 1024 {
@@ -337,9 +342,8 @@ fn writer_loop(
         let result = match log.append(&ops) {
             Ok(closed) => {
                 if let Some(closed) = closed {
-                    let _ = checkpointer.send(wal::ToCheckpointer::SegmentEnd(closed));
+                    handoff.segment_end(closed);
                 }
-                let _ = checkpointer.send(wal::ToCheckpointer::Ops(ops));
                 Ok(())
             }
             Err(e) => {
@@ -362,21 +366,61 @@ fn writer_loop(
             // Fail-stop: a later frame must never be durable without this one.
             break;
         }
+        handoff.add(ops);
         if log.age() >= CHECKPOINT_EVERY {
-            rotate(&mut log, &checkpointer);
+            rotate(&mut log, &mut handoff);
         }
     }
     // The store was dropped: fold what is left into redb before letting go of it.
-    rotate(&mut log, &checkpointer);
-    drop(checkpointer);
+    rotate(&mut log, &mut handoff);
+    drop(handoff);
     drop(db);
 }
 
-fn rotate(log: &mut Wal, checkpointer: &std::sync::mpsc::Sender<wal::ToCheckpointer>) {
-    match log.rotate() {
-        Ok(Some(closed)) => {
-            let _ = checkpointer.send(wal::ToCheckpointer::SegmentEnd(closed));
+/// Durable ops on their way to the checkpointer, handed over in bundles:
+/// at 1,000 webhooks/s a group commit usually holds one webhook, and waking
+/// the checkpointer for each cost as much CPU as the commit itself.
+struct Handoff {
+    to: std::sync::mpsc::Sender<wal::ToCheckpointer>,
+    ops: Vec<Op>,
+    /// When the oldest op waiting here was added.
+    since: Instant,
+}
+
+/// A bundle goes to the checkpointer once it holds this many ops ...
+const HANDOFF_OPS: usize = 256;
+/// ... or its oldest op has waited this long, or its segment ends.
+const HANDOFF_EVERY: Duration = Duration::from_millis(50);
+
+impl Handoff {
+    fn add(&mut self, ops: Vec<Op>) {
+        if self.ops.is_empty() {
+            self.since = Instant::now();
         }
+        self.ops.extend(ops);
+        if self.ops.len() >= HANDOFF_OPS || self.since.elapsed() >= HANDOFF_EVERY {
+            self.send_ops();
+        }
+    }
+
+    fn send_ops(&mut self) {
+        if !self.ops.is_empty() {
+            let _ = self
+                .to
+                .send(wal::ToCheckpointer::Ops(std::mem::take(&mut self.ops)));
+        }
+    }
+
+    /// The segment's ops first, then its end.
+    fn segment_end(&mut self, closed: wal::Closed) {
+        self.send_ops();
+        let _ = self.to.send(wal::ToCheckpointer::SegmentEnd(closed));
+    }
+}
+
+fn rotate(log: &mut Wal, handoff: &mut Handoff) {
+    match log.rotate() {
+        Ok(Some(closed)) => handoff.segment_end(closed),
         Ok(None) => {}
         Err(e) => tracing::error!(error = %e, "could not start a new log segment"),
     }
