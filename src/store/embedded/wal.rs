@@ -208,6 +208,9 @@ pub struct Slots {
     dir: PathBuf,
     free: Arc<Mutex<Vec<PathBuf>>>,
     count: Arc<Mutex<usize>>,
+    /// Segments closed since the log was opened: the checkpointer compares
+    /// it with the ones it has folded to see how far behind it is.
+    closed: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl Slots {
@@ -305,6 +308,7 @@ impl Wal {
             dir: dir.to_path_buf(),
             free: Arc::new(Mutex::new(slots)),
             count: Arc::new(Mutex::new(count)),
+            closed: Arc::default(),
         };
         let slot = slots.take()?;
         let file = open_slot(&slot)?;
@@ -382,6 +386,9 @@ impl Wal {
         self.seq += 1;
         self.pos = 0;
         self.opened = Instant::now();
+        self.slots
+            .closed
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         Ok(Some(closed))
     }
 }
@@ -600,13 +607,19 @@ pub fn checkpointer(
     rx: std::sync::mpsc::Receiver<ToCheckpointer>,
     slots: Slots,
 ) {
-    lower_priority();
+    let mut priority = Priority::new();
+    let mut folded = 0u64;
     let mut pending = Pending::default();
     let mut waiting: Vec<PathBuf> = vec![];
     // Only to start writeback of redb's file (see `CHUNK_KEYS`).
     let writeback = File::open(&db_file).ok();
     slots.keep_spare();
     while let Ok(msg) = rx.recv() {
+        let behind = slots
+            .closed
+            .load(std::sync::atomic::Ordering::SeqCst)
+            .saturating_sub(folded);
+        priority.set_low(behind < 2);
         match msg {
             ToCheckpointer::Ops(ops) => {
                 pending.add(ops);
@@ -618,6 +631,7 @@ pub fn checkpointer(
                 }
             }
             ToCheckpointer::SegmentEnd(closed) => {
+                folded += 1;
                 waiting.push(closed.slot);
                 match pending.flush(&db, Some(closed.seq)) {
                     Ok(()) => {
@@ -634,32 +648,67 @@ pub fn checkpointer(
     }
 }
 
-/// Runs this thread behind the ones answering webhooks: a checkpoint step
-/// is never urgent, and on two cores it otherwise holds one for several
-/// milliseconds while acknowledgements queue behind it.
-fn lower_priority() {
-    #[cfg(target_os = "linux")]
-    // SAFETY: plain system calls on this thread's own ID.
-    unsafe {
-        let tid = libc::gettid() as libc::id_t;
-        let now = libc::getpriority(libc::PRIO_PROCESS, tid);
-        libc::setpriority(libc::PRIO_PROCESS, tid, (now + CHECKPOINT_NICE).min(19));
-    }
+/// The checkpointer's scheduling priority. It runs [`CHECKPOINT_NICE`] steps
+/// behind the threads answering webhooks: a checkpoint step is never urgent,
+/// and on two cores it otherwise holds one for several milliseconds while
+/// acknowledgements queue behind it. Once it falls two segments behind
+/// (under a sustained full load), it runs at the gateway's own priority
+/// until it has caught up, so the backlog cannot grow without end.
+struct Priority {
+    base: i32,
+    low: bool,
 }
 
 /// How much lower (in nice steps) the checkpointer runs than the rest of
-/// the gateway.
+/// the gateway while it keeps up.
 const CHECKPOINT_NICE: i32 = 10;
 
-/// Asks the kernel to start writing the file's dirty pages now, without
-/// waiting for them.
+impl Priority {
+    fn new() -> Priority {
+        #[cfg(target_os = "linux")]
+        // SAFETY: a plain system call on this thread's own ID.
+        let base = unsafe { libc::getpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t) };
+        #[cfg(not(target_os = "linux"))]
+        let base = 0;
+        Priority { base, low: false }
+    }
+
+    fn set_low(&mut self, low: bool) {
+        if low == self.low {
+            return;
+        }
+        self.low = low;
+        #[cfg(target_os = "linux")]
+        // SAFETY: a plain system call on this thread's own ID.
+        unsafe {
+            let nice = if low {
+                (self.base + CHECKPOINT_NICE).min(19)
+            } else {
+                self.base
+            };
+            libc::setpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t, nice);
+        }
+    }
+}
+
+/// Waits until the pages of the previous step have been written, then asks
+/// the kernel to start writing this step's dirty pages, without waiting for
+/// them. So at most one step's pages are on their way to the disk at any
+/// time, however far behind the checkpointer is: catching up after a burst
+/// never floods the disk that the log flushes to.
 fn start_writeback(file: Option<&File>) {
     #[cfg(target_os = "linux")]
     if let Some(f) = file {
         use std::os::fd::AsRawFd;
-        // SAFETY: a valid open descriptor; the call only schedules writeback.
+        // SAFETY: a valid open descriptor; the call only waits for and
+        // schedules writeback.
         unsafe {
-            libc::sync_file_range(f.as_raw_fd(), 0, 0, libc::SYNC_FILE_RANGE_WRITE);
+            libc::sync_file_range(
+                f.as_raw_fd(),
+                0,
+                0,
+                libc::SYNC_FILE_RANGE_WAIT_BEFORE | libc::SYNC_FILE_RANGE_WRITE,
+            );
         }
     }
     #[cfg(not(target_os = "linux"))]
