@@ -743,6 +743,12 @@ mod tests {
             let rest = &stat[stat.rfind(')').unwrap() + 2..];
             rest.split(' ').nth(16).unwrap().parse().unwrap()
         }
+        // Only where a thread may raise its priority again (root: CI and the
+        // benchmark) does the checkpointer lower it (see `wal::Priority`).
+        // SAFETY: a plain system call.
+        if unsafe { libc::geteuid() } != 0 {
+            return;
+        }
         let dir = tempfile::tempdir().unwrap();
         let store = EmbeddedStore::open(dir.path(), Duration::from_secs(3600)).unwrap();
         store.commit(claim("msg:sms:SMnice")).await.unwrap();

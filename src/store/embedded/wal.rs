@@ -654,9 +654,15 @@ pub fn checkpointer(
 /// acknowledgements queue behind it. Once it falls two segments behind
 /// (under a sustained full load), it runs at the gateway's own priority
 /// until it has caught up, so the backlog cannot grow without end.
+///
+/// Going back up needs the right to raise a thread's priority (root, or
+/// `RLIMIT_NICE`); without it the checkpointer stays at the gateway's
+/// priority all along.
 struct Priority {
     base: i32,
     low: bool,
+    /// Whether this thread may return to `base` after lowering itself.
+    usable: bool,
 }
 
 /// How much lower (in nice steps) the checkpointer runs than the rest of
@@ -666,15 +672,28 @@ const CHECKPOINT_NICE: i32 = 10;
 impl Priority {
     fn new() -> Priority {
         #[cfg(target_os = "linux")]
-        // SAFETY: a plain system call on this thread's own ID.
-        let base = unsafe { libc::getpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t) };
+        // SAFETY: plain system calls on this thread's own ID. The probe
+        // steps one down and back; if it cannot come back, it stays one
+        // step down, which is harmless.
+        let (base, usable) = unsafe {
+            let tid = libc::gettid() as libc::id_t;
+            let base = libc::getpriority(libc::PRIO_PROCESS, tid);
+            let usable = base < 19
+                && libc::setpriority(libc::PRIO_PROCESS, tid, base + 1) == 0
+                && libc::setpriority(libc::PRIO_PROCESS, tid, base) == 0;
+            (base, usable)
+        };
         #[cfg(not(target_os = "linux"))]
-        let base = 0;
-        Priority { base, low: false }
+        let (base, usable) = (0, false);
+        Priority {
+            base,
+            low: false,
+            usable,
+        }
     }
 
     fn set_low(&mut self, low: bool) {
-        if low == self.low {
+        if low == self.low || !self.usable {
             return;
         }
         self.low = low;
@@ -718,6 +737,35 @@ fn start_writeback(file: Option<&File>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The checkpointer drops its priority while it keeps up and takes the
+    /// gateway's own back when it falls behind.
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn priority_goes_down_and_back_up() {
+        fn nice() -> i64 {
+            let stat = std::fs::read_to_string("/proc/thread-self/stat").unwrap();
+            let rest = &stat[stat.rfind(')').unwrap() + 2..];
+            rest.split(' ').nth(16).unwrap().parse().unwrap()
+        }
+        std::thread::spawn(|| {
+            let base = nice();
+            let mut p = Priority::new();
+            if !p.usable {
+                // Not allowed to raise a priority here: it never goes down.
+                p.set_low(true);
+                assert!(nice() <= base + 1);
+                return;
+            }
+            assert_eq!(nice(), base);
+            p.set_low(true);
+            assert_eq!(nice(), (base + 10).min(19));
+            p.set_low(false);
+            assert_eq!(nice(), base, "back to the gateway's priority");
+        })
+        .join()
+        .unwrap();
+    }
 
     fn sample() -> Vec<Op> {
         vec![
