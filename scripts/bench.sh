@@ -36,6 +36,10 @@ NICE=()
 if [ -n "${BENCH_NICE:-}" ]; then NICE=(nice -n "$BENCH_NICE"); fi
 
 cargo build --release --bins >&2
+# The build leaves hundreds of MB of freshly linked binaries in the page
+# cache; written back half a minute later, they would stall every log flush
+# of whichever run is going on then. Flush them before any clock starts.
+sync
 
 WORK="$(mktemp -d "${TMPDIR:-/tmp}/switchboard-bench.XXXXXX")"
 SERVER_PID=""
