@@ -597,7 +597,7 @@ pub enum ToCheckpointer {
 /// redb's pages reach the disk in small steps. Written all at once at the end
 /// of a segment, they came as megabytes in one burst, and every log flush
 /// during that burst waited for them (the disk flushes its whole cache).
-const CHUNK_KEYS: usize = 512;
+const CHUNK_KEYS: usize = 128;
 
 /// Folds closed segments into redb and hands their slots back. Runs until
 /// the writer lets go of its end of the channel.
