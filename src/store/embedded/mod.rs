@@ -738,11 +738,6 @@ mod tests {
     #[cfg(target_os = "linux")]
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn the_checkpointer_runs_at_a_lower_priority() {
-        fn nice(stat: &str) -> i64 {
-            // Fields after the command name (which ends with ')'): nice is the 19th field.
-            let rest = &stat[stat.rfind(')').unwrap() + 2..];
-            rest.split(' ').nth(16).unwrap().parse().unwrap()
-        }
         // Only where a thread may raise its priority again (root: CI and the
         // benchmark) does the checkpointer lower it (see `wal::Priority`).
         // SAFETY: a plain system call.
@@ -752,15 +747,14 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = EmbeddedStore::open(dir.path(), Duration::from_secs(3600)).unwrap();
         store.commit(claim("msg:sms:SMnice")).await.unwrap();
-        let own = nice(&std::fs::read_to_string("/proc/thread-self/stat").unwrap());
+        let own = wal::nice_in("/proc/thread-self/stat");
         let mut found = None;
         for _ in 0..100 {
             for task in std::fs::read_dir("/proc/self/task").unwrap() {
                 let task = task.unwrap().path();
                 let comm = std::fs::read_to_string(task.join("comm")).unwrap_or_default();
                 if comm.trim() == "embedded-checkp" {
-                    let stat = std::fs::read_to_string(task.join("stat")).unwrap();
-                    found = Some(nice(&stat));
+                    found = Some(wal::nice_in(task.join("stat")));
                 }
             }
             if found.is_some_and(|n| n > own) {

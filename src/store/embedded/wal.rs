@@ -734,6 +734,15 @@ fn start_writeback(file: Option<&File>) {
     let _ = file;
 }
 
+/// A thread's nice value, from its `/proc/.../stat` file (the 19th field;
+/// the command name before it ends with ')' and may hold spaces).
+#[cfg(all(test, target_os = "linux"))]
+pub(super) fn nice_in(stat_file: impl AsRef<Path>) -> i64 {
+    let stat = std::fs::read_to_string(stat_file).unwrap();
+    let rest = &stat[stat.rfind(')').unwrap() + 2..];
+    rest.split(' ').nth(16).unwrap().parse().unwrap()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -743,12 +752,8 @@ mod tests {
     #[cfg(target_os = "linux")]
     #[test]
     fn priority_goes_down_and_back_up() {
-        fn nice() -> i64 {
-            let stat = std::fs::read_to_string("/proc/thread-self/stat").unwrap();
-            let rest = &stat[stat.rfind(')').unwrap() + 2..];
-            rest.split(' ').nth(16).unwrap().parse().unwrap()
-        }
-        std::thread::spawn(|| {
+        let nice = || nice_in("/proc/thread-self/stat");
+        std::thread::spawn(move || {
             let base = nice();
             let mut p = Priority::new();
             if !p.usable {
