@@ -748,25 +748,29 @@ mod tests {
         let store = EmbeddedStore::open(dir.path(), Duration::from_secs(3600)).unwrap();
         store.commit(claim("msg:sms:SMnice")).await.unwrap();
         let own = wal::nice_in("/proc/thread-self/stat");
-        let mut found = None;
+        // Other tests' stores have checkpointers of their own (some just
+        // starting): this store's is among them, lowered.
+        let lowered = (own + 10).min(19);
+        let mut seen = vec![];
         for _ in 0..100 {
+            seen.clear();
             for task in std::fs::read_dir("/proc/self/task").unwrap() {
                 let task = task.unwrap().path();
                 let comm = std::fs::read_to_string(task.join("comm")).unwrap_or_default();
                 if comm.trim() == "embedded-checkp" {
-                    found = Some(wal::nice_in(task.join("stat")));
+                    seen.push(wal::nice_in(task.join("stat")));
                 }
             }
-            if found.is_some_and(|n| n > own) {
+            if seen.contains(&lowered) {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        assert_eq!(
-            found,
-            Some((own + 10).min(19)),
-            "this thread's nice is {own}"
+        assert!(
+            seen.contains(&lowered),
+            "checkpointers' nice values {seen:?}; this thread's is {own}"
         );
+        drop(store);
     }
 
     /// After a failed log write the mirror may hold a claim that never

@@ -608,6 +608,8 @@ pub fn checkpointer(
     slots: Slots,
 ) {
     let mut priority = Priority::new();
+    // Nothing is behind yet: low from the start, not from the first bundle.
+    priority.set_low(true);
     let mut folded = 0u64;
     let mut pending = Pending::default();
     let mut waiting: Vec<PathBuf> = vec![];
