@@ -650,7 +650,12 @@ impl Gateway {
             let Some(mut i) = self.store.interaction(case).await? else {
                 return Ok(true);
             };
-            let Some(m) = i.messages.iter_mut().find(|m| m.id == message_id) else {
+            let Some(m) = i
+                .messages
+                .iter_mut()
+                .find(|m| m.id == message_id)
+                .map(Arc::make_mut)
+            else {
                 return Ok(true);
             };
             let changed = f(m);
@@ -941,7 +946,7 @@ impl Gateway {
                 channel: serde_json::json!({"id": channel_id, "kind": kind}),
                 data: serde_json::json!({"message_id": message_id, "status": "sent", "provider_id": m.provider_id, "sent_elsewhere": true, "message": msg.public()}),
             };
-            i.messages.push(msg);
+            i.messages.push(Arc::new(msg));
             let case_number = i.case_number;
             let mut index = attachment_index(case_number, &message_id, &attachments);
             index.push(Claim {
@@ -1544,7 +1549,11 @@ impl Gateway {
         let Some(i) = self.store.interaction(case).await? else {
             return Ok(None);
         };
-        let m = i.messages.iter().find(|m| m.id == mid).cloned();
+        let m = i
+            .messages
+            .iter()
+            .find(|m| m.id == mid)
+            .map(|m| Message::clone(m));
         Ok(m.map(|m| (i, m)))
     }
 

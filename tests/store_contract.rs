@@ -1324,7 +1324,7 @@ async fn embedded_messages_survive_checkpoints_and_replay() {
         tokio::time::sleep(Duration::from_millis(1100)).await;
     }
     // The first message changes after it was checkpointed.
-    i.messages[0].text = "edited".into();
+    std::sync::Arc::make_mut(&mut i.messages[0]).text = "edited".into();
     store
         .commit(Commit {
             interaction: Some(i.clone()),

@@ -9,6 +9,7 @@ use super::ids::ChannelKind;
 use chrono::{DateTime, Duration, Utc};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -247,7 +248,7 @@ pub struct Interaction {
     pub ended_at: Option<DateTime<Utc>>,
     pub disposition: Option<Disposition>,
     pub subject: Option<String>,
-    pub messages: Vec<Message>,
+    pub messages: Vec<Arc<Message>>,
 }
 
 /// What an event says happened, before the store gives it an ID.
@@ -387,7 +388,7 @@ impl Interaction {
             now,
             serde_json::json!({"message": msg.public_json()}),
         ));
-        self.messages.push(msg);
+        self.messages.push(Arc::new(msg));
         events
     }
 
@@ -434,7 +435,7 @@ impl Interaction {
     ) -> Result<Vec<EventDraft>, Refusal> {
         self.require_holder(actor)?;
         let mut events = vec![];
-        self.messages.push(msg.clone());
+        self.messages.push(Arc::new(msg.clone()));
         if self.status != Status::Resolved || self.in_queue {
             self.status = Status::Resolved;
             self.in_queue = false;
@@ -570,7 +571,7 @@ impl Interaction {
         if !current.may_become(status) {
             return vec![];
         }
-        let msg = &mut self.messages[idx];
+        let msg = Arc::make_mut(&mut self.messages[idx]);
         msg.status = status;
         if provider_id.is_some() {
             msg.provider_id = provider_id;
@@ -578,7 +579,7 @@ impl Interaction {
         if error.is_some() {
             msg.error = error;
         }
-        let snapshot = msg.clone();
+        let snapshot = Message::clone(msg);
         let kind = if current == DeliveryStatus::Queued && status == DeliveryStatus::Sent {
             "message.sent"
         } else {
@@ -626,6 +627,7 @@ impl Interaction {
         self.messages
             .iter()
             .find(|m| m.provider_id.as_deref() == Some(provider_id))
+            .map(|m| &**m)
     }
 
     /// The interaction as the API shows it to `viewer` (unread is per agent).
@@ -654,7 +656,7 @@ impl Interaction {
             "related_case": self.related_case,
             "ended_at": self.ended_at,
             "disposition": self.disposition,
-            "messages": self.messages.iter().map(Message::public).collect::<Vec<_>>(),
+            "messages": self.messages.iter().map(|m| m.public()).collect::<Vec<_>>(),
             "version": self.version,
         });
         if let Some(subject) = &self.subject {

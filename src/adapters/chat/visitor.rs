@@ -23,6 +23,7 @@ use crate::store::StoreError;
 use chrono::Utc;
 use serde_json::{json, Value};
 use std::collections::HashSet;
+use std::sync::Arc;
 use std::time::Instant;
 
 /// Most attachments on one visitor message.
@@ -423,7 +424,7 @@ pub async fn timeline(g: &Gateway, session: &ChatSession) -> Result<Vec<Message>
     for case in &contact.cases {
         if let Some(i) = g.store.interaction(*case).await? {
             if i.channel_id == session.channel_id {
-                out.extend(i.messages);
+                out.extend(i.messages.into_iter().map(Arc::unwrap_or_clone));
             }
         }
     }

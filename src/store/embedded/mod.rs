@@ -261,7 +261,7 @@ fn load(db: &Database) -> anyhow::Result<State> {
     for row in r.open_table(MESSAGES)?.iter()? {
         let (k, v) = row?;
         let (case, index) = k.value();
-        let m: Message = serde_json::from_slice(v.value())?;
+        let m: Arc<Message> = serde_json::from_slice(v.value())?;
         if let Some(i) = state.interactions.get_mut(&case) {
             let index = index as usize;
             if index < i.messages.len() {
@@ -437,7 +437,9 @@ fn interaction_ops(ops: &mut Vec<Op>, old: Option<&Interaction>, new: &mut Inter
     ops.push(Op::Interaction(new.case_number, json(new)));
     let old = old.map(|o| o.messages.as_slice()).unwrap_or_default();
     for (index, m) in messages.iter().enumerate() {
-        if old.get(index) != Some(m) {
+        // A message that was not touched is the same allocation as the stored one.
+        let same = old.get(index).is_some_and(|o| Arc::ptr_eq(o, m) || o == m);
+        if !same {
             ops.push(Op::Message(new.case_number, index as u32, json(m)));
         }
     }
