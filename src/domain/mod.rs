@@ -12,6 +12,7 @@ pub use interaction::{
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 /// A contact: one digital ID on one channel kind (on one channel for kinds
 /// whose IDs are scoped to a page or widget). Never merged across kinds.
@@ -49,7 +50,9 @@ pub fn contact_key(kind: ChannelKind, channel_id: &str, digital_id: &str) -> Str
     }
 }
 
-/// An event as the feed, SSE and sinks carry it.
+/// An event as the feed, SSE and sinks carry it. Its JSON parts are shared:
+/// the store's feed, the commit's caller and every subscriber hold the same
+/// trees, so passing an event on never copies a message.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Event {
     pub id: String,
@@ -57,8 +60,8 @@ pub struct Event {
     pub kind: String,
     pub at: DateTime<Utc>,
     pub case_number: u64,
-    pub channel: serde_json::Value,
-    pub data: serde_json::Value,
+    pub channel: Arc<serde_json::Value>,
+    pub data: Arc<serde_json::Value>,
 }
 
 impl Event {
@@ -68,8 +71,8 @@ impl Event {
             kind: d.kind,
             at: d.at,
             case_number: d.case_number,
-            channel: d.channel,
-            data: d.data,
+            channel: Arc::new(d.channel),
+            data: Arc::new(d.data),
         }
     }
 }
