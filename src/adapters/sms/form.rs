@@ -23,6 +23,10 @@ fn hex(b: u8) -> Option<u8> {
 /// by two hex digits is kept as it is, as browsers and Twilio's SDKs do.
 fn decode(s: &str) -> Result<String, String> {
     let bytes = s.as_bytes();
+    if !bytes.iter().any(|b| matches!(b, b'%' | b'+')) {
+        // Nothing to decode: the text is already checked UTF-8.
+        return Ok(s.to_string());
+    }
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
     while i < bytes.len() {

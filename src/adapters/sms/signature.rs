@@ -17,7 +17,6 @@ use base64::Engine;
 use hmac::{Hmac, Mac};
 use sha1::Sha1;
 use sha2::{Digest, Sha256};
-use std::collections::BTreeMap;
 use subtle::ConstantTimeEq;
 
 type HmacSha1 = Hmac<Sha1>;
@@ -25,18 +24,18 @@ type HmacSha1 = Hmac<Sha1>;
 /// The string Twilio signs: the URL, then each parameter as `name + value`,
 /// names sorted, repeated names' values sorted and de-duplicated.
 pub fn string_to_sign(url: &str, params: &[(String, String)]) -> String {
-    let mut by_name: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
-    for (name, value) in params {
-        by_name.entry(name).or_default().push(value);
-    }
-    let mut s = String::from(url);
-    for (name, mut values) in by_name {
-        values.sort_unstable();
-        values.dedup();
-        for value in values {
-            s.push_str(name);
-            s.push_str(value);
-        }
+    let mut pairs: Vec<(&str, &str)> = params
+        .iter()
+        .map(|(n, v)| (n.as_str(), v.as_str()))
+        .collect();
+    pairs.sort_unstable();
+    pairs.dedup();
+    let len = url.len() + pairs.iter().map(|(n, v)| n.len() + v.len()).sum::<usize>();
+    let mut s = String::with_capacity(len);
+    s.push_str(url);
+    for (name, value) in pairs {
+        s.push_str(name);
+        s.push_str(value);
     }
     s
 }
@@ -120,7 +119,13 @@ pub fn validate(
     // forged signature is checked against every token and form, and for a
     // genuine one, which token or form matched is no secret.
     let sorted = string_to_sign("", params);
-    let urls = [with_port(url), without_port(url)];
+    // The URL as configured first: it is the one Twilio signs in most cases.
+    let mut urls = vec![url.to_string()];
+    for other in [with_port(url), without_port(url)] {
+        if !urls.contains(&other) {
+            urls.push(other);
+        }
+    }
     auth_tokens.iter().any(|token| {
         urls.iter()
             .any(|u| mac_of(token, u, &sorted).verify_slice(&given).is_ok())
