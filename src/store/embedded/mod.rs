@@ -29,7 +29,7 @@ use crate::domain::{parse_event_id, Contact, Event, Interaction, Message};
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use parking_lot::Mutex;
-use redb::{Database, ReadableTable, TableDefinition};
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -111,9 +111,7 @@ impl EmbeddedStore {
     pub fn open(dir: &Path, retention: Duration) -> anyhow::Result<Arc<EmbeddedStore>> {
         std::fs::create_dir_all(dir)?;
         let db_file = dir.join("switchboard.redb");
-        let db = redb::Builder::new()
-            .set_cache_size(REDB_CACHE_BYTES)
-            .create(&db_file)?;
+        let db = open_db(&db_file)?;
         {
             let w = db.begin_write()?;
             w.open_table(INTERACTIONS)?;
@@ -197,6 +195,28 @@ impl EmbeddedStore {
         wait.await
             .map_err(|_| unavailable("the writer has stopped"))?
             .map_err(unavailable)
+    }
+}
+
+/// Opens (or creates) the redb file. A file from before redb 5 (file format
+/// v2, written by redb 2) is upgraded in place once, with redb 2.6's own
+/// upgrade, before redb 5 opens it: every table's key and value types are
+/// stored the same way in both.
+fn open_db(file: &Path) -> anyhow::Result<Database> {
+    let open = || {
+        redb::Builder::new()
+            .set_cache_size(REDB_CACHE_BYTES)
+            .create(file)
+    };
+    match open() {
+        Err(redb::DatabaseError::UpgradeRequired(version)) => {
+            tracing::info!(version, file = %file.display(), "upgrading the store's redb file format");
+            let mut old = redb2::Database::open(file)?;
+            old.upgrade()?;
+            drop(old);
+            Ok(open()?)
+        }
+        other => Ok(other?),
     }
 }
 
@@ -683,7 +703,8 @@ impl Store for EmbeddedStore {
         tokio::task::spawn_blocking(move || -> anyhow::Result<Option<Vec<u8>>> {
             let r = db.begin_read()?;
             let t = r.open_table(BLOBS)?;
-            Ok(t.get(id.as_str())?.map(|v| v.value().to_vec()))
+            let bytes = t.get(id.as_str())?.map(|v| v.value().to_vec());
+            Ok(bytes)
         })
         .await
         .map_err(unavailable)?
@@ -773,6 +794,78 @@ mod tests {
             "checkpointers' nice values {seen:?}; this thread's is {own}"
         );
         drop(store);
+    }
+
+    /// A data directory from a Switchboard on redb 2 (file format v2) opens
+    /// with its records, upgraded in place, and stays writable.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_store_written_by_redb_2_is_upgraded_and_keeps_its_records() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("switchboard.redb");
+        {
+            let db = redb2::Database::create(&file).unwrap();
+            let w = db.begin_write().unwrap();
+            {
+                let claims: redb2::TableDefinition<&str, &str> =
+                    redb2::TableDefinition::new("claims");
+                let mut t = w.open_table(claims).unwrap();
+                t.insert("msg:sms:SMold", "1001:m").unwrap();
+                let interactions: redb2::TableDefinition<u64, &[u8]> =
+                    redb2::TableDefinition::new("interactions");
+                let mut t = w.open_table(interactions).unwrap();
+                let i = Interaction::new(crate::domain::NewInteraction {
+                    case_number: 1001,
+                    channel_id: "sms-main".into(),
+                    channel_kind: crate::domain::ChannelKind::Sms,
+                    digital_id: "+15551230000".into(),
+                    contact_id: "c1".into(),
+                    contact_name: None,
+                    queue: "support".into(),
+                    now: Utc::now(),
+                });
+                t.insert(1001, json(&i).as_slice()).unwrap();
+                let messages: redb2::TableDefinition<(u64, u32), &[u8]> =
+                    redb2::TableDefinition::new("messages");
+                let mut t = w.open_table(messages).unwrap();
+                let m = Message {
+                    id: "m".into(),
+                    direction: crate::domain::Direction::Inbound,
+                    text: "from before the upgrade".into(),
+                    attachments: vec![],
+                    sent_at: Utc::now(),
+                    status: crate::domain::DeliveryStatus::Received,
+                    error: None,
+                    provider_id: Some("SMold".into()),
+                    author: None,
+                    sms: None,
+                    reply_to: None,
+                    reactions: vec![],
+                    retracted: false,
+                    kind: None,
+                    html: None,
+                    raw: None,
+                };
+                t.insert((1001, 0), json(&m).as_slice()).unwrap();
+            }
+            w.commit().unwrap();
+        }
+        assert!(
+            matches!(
+                redb::Database::open(&file),
+                Err(redb::DatabaseError::UpgradeRequired(_))
+            ),
+            "the fixture must be in the old format"
+        );
+        let store = EmbeddedStore::open(dir.path(), Duration::from_secs(3600)).unwrap();
+        assert_eq!(
+            store.lookup("msg:sms:SMold").await.unwrap().as_deref(),
+            Some("1001:m")
+        );
+        let i = store.interaction(1001).await.unwrap().expect("case 1001");
+        assert_eq!(i.messages.len(), 1);
+        assert_eq!(i.messages[0].text, "from before the upgrade");
+        store.commit(claim("msg:sms:SMnew")).await.unwrap();
+        assert_eq!(store.next_case_number().await.unwrap(), 1002);
     }
 
     /// After a failed log write the mirror may hold a claim that never

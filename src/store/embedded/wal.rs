@@ -526,7 +526,7 @@ impl Pending {
     pub fn flush(&mut self, db: &Database, through: Option<u64>) -> anyhow::Result<()> {
         let mut w = db.begin_write()?;
         if through.is_none() {
-            w.set_durability(redb::Durability::None);
+            w.set_durability(redb::Durability::None)?;
         }
         {
             let mut interactions = w.open_table(INTERACTIONS)?;
