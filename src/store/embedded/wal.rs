@@ -14,8 +14,8 @@
 //! nothing is lost by stopping there).
 //!
 //! The checkpointer folds the ops into redb as they come: the latest value
-//! of each key, in non-durable transactions of about [`CHUNK_KEYS`] keys
-//! whose writeback it starts at once. A segment is closed about once a
+//! of each key, in non-durable transactions of [`CHUNK_KEYS`] to
+//! [`MAX_CHUNK_KEYS`] keys whose writeback it starts at once. A segment is closed about once a
 //! second (or when its slot is full); the checkpointer then writes what is
 //! left in a durable transaction that also records the segment's number as
 //! `checkpointed`, and only then is the slot reused. A crash rolls redb back
@@ -598,6 +598,12 @@ pub enum ToCheckpointer {
 /// of a segment, they came as megabytes in one burst, and every log flush
 /// during that burst waited for them (the disk flushes its whole cache).
 const CHUNK_KEYS: usize = 128;
+/// Under a heavy load keys pile up faster: a step then waits until this
+/// long after the previous one (or [`MAX_CHUNK_KEYS`]), since each
+/// transaction has a fixed cost. At 1,000 webhooks/s a step already takes
+/// longer than this to fill, so the steps stay small there.
+const STEP_EVERY: std::time::Duration = std::time::Duration::from_millis(25);
+const MAX_CHUNK_KEYS: usize = 8 * CHUNK_KEYS;
 
 /// Folds closed segments into redb and hands their slots back. Runs until
 /// the writer lets go of its end of the channel.
@@ -615,6 +621,7 @@ pub fn checkpointer(
     let mut waiting: Vec<PathBuf> = vec![];
     // Only to start writeback of redb's file (see `CHUNK_KEYS`).
     let writeback = File::open(&db_file).ok();
+    let mut last_step = Instant::now();
     slots.keep_spare();
     while let Ok(msg) = rx.recv() {
         let behind = slots
@@ -625,7 +632,11 @@ pub fn checkpointer(
         match msg {
             ToCheckpointer::Ops(ops) => {
                 pending.add(ops);
-                if pending.0.len() >= CHUNK_KEYS {
+                let keys = pending.0.len();
+                if keys >= MAX_CHUNK_KEYS
+                    || (keys >= CHUNK_KEYS && last_step.elapsed() >= STEP_EVERY)
+                {
+                    last_step = Instant::now();
                     match pending.flush(&db, None) {
                         Ok(()) => start_writeback(writeback.as_ref()),
                         Err(e) => tracing::error!(error = %e, "checkpoint step failed"),
