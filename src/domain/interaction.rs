@@ -218,6 +218,9 @@ pub struct Disposition {
     pub ended_at: DateTime<Utc>,
 }
 
+/// Stored as JSON by both stores; empty fields are left out of the record
+/// (and read back as empty), which keeps the record written on every
+/// message small.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Interaction {
     pub case_number: u64,
@@ -227,27 +230,38 @@ pub struct Interaction {
     pub channel_kind: ChannelKind,
     pub digital_id: String,
     pub contact_id: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub contact_name: Option<String>,
     pub status: Status,
     pub queue: String,
     pub in_queue: bool,
     pub priority: i64,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub tags: Vec<String>,
     /// When the gateway received the latest customer message.
     pub received_at: DateTime<Utc>,
     /// The provider's timestamp of the latest customer message (the window runs from it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_customer_at: Option<DateTime<Utc>>,
     pub created_at: DateTime<Utc>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub assigned_to: Option<String>,
     /// When each agent last opened (was assigned) the interaction; drives unread.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub opened_by: BTreeMap<String, DateTime<Utc>>,
     pub transfer_count: u32,
     pub master_contact_id: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub related_name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub related_case: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ended_at: Option<DateTime<Utc>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub disposition: Option<Disposition>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub subject: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub messages: Vec<Arc<Message>>,
 }
 
@@ -666,5 +680,48 @@ impl Interaction {
             v["window"] = w;
         }
         v
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Records written before empty fields were left out spell them as
+    /// `null`, `[]` and `{}`: they read back the same as the short form.
+    #[test]
+    fn an_interaction_record_with_its_empty_fields_spelled_out_reads_the_same() {
+        let i = Interaction::new(NewInteraction {
+            case_number: 1001,
+            channel_id: "sms-main".into(),
+            channel_kind: ChannelKind::Sms,
+            digital_id: "+15551230000".into(),
+            contact_id: "c1".into(),
+            contact_name: None,
+            queue: "support".into(),
+            now: Utc::now(),
+        });
+        let short = serde_json::to_value(&i).unwrap();
+        assert!(short.get("assigned_to").is_none(), "{short}");
+        let mut long = short.clone();
+        for (k, v) in [
+            ("contact_name", serde_json::Value::Null),
+            ("tags", serde_json::json!([])),
+            ("last_customer_at", serde_json::Value::Null),
+            ("assigned_to", serde_json::Value::Null),
+            ("opened_by", serde_json::json!({})),
+            ("related_name", serde_json::Value::Null),
+            ("related_case", serde_json::Value::Null),
+            ("ended_at", serde_json::Value::Null),
+            ("disposition", serde_json::Value::Null),
+            ("subject", serde_json::Value::Null),
+            ("messages", serde_json::json!([])),
+        ] {
+            long[k] = v;
+        }
+        let read: Interaction = serde_json::from_value(long).unwrap();
+        assert_eq!(read, i);
+        let read: Interaction = serde_json::from_value(short).unwrap();
+        assert_eq!(read, i);
     }
 }
