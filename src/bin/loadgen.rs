@@ -77,7 +77,7 @@ struct Cli {
     #[arg(long, default_value_t = 500)]
     warmup: usize,
     /// Closed loop, sms: at most this many measured requests (they are built beforehand).
-    #[arg(long, default_value_t = 150_000)]
+    #[arg(long, default_value_t = 300_000)]
     max_requests: usize,
     /// Open loop: at most this many requests in flight (later ones wait, and their wait counts).
     #[arg(long, default_value_t = 1024)]
