@@ -1463,6 +1463,43 @@ async fn redis_routing_stream_holds_each_event_under_its_id() {
     }
 }
 
+/// An entry someone else added to `{prefix}:routing` (or a lost record of
+/// our last ID) never blocks a commit: its events go after the stream's
+/// last entry, and the commit is stored whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_events_follow_an_entry_added_to_the_stream_by_someone_else() {
+    let keys = RedisKeys::new();
+    let store: DynStore = RedisStore::connect(&redis_url(), &keys.prefix, RETENTION)
+        .await
+        .unwrap();
+    let client = redis::Client::open(redis_url()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let ahead_ms = chrono::Utc::now().timestamp_millis() + 60_000;
+    let ahead = format!("{ahead_ms}-5");
+    let _: String = redis::cmd("XADD")
+        .arg(format!("{}:routing", keys.prefix))
+        .arg(&ahead)
+        .arg("note")
+        .arg("added by an operator")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+
+    let first = first_message(&store, "15551234567", "support").await;
+    let case = first.interaction.case_number;
+    let stored = store.commit(first.commit()).await.unwrap();
+    assert!(!stored.is_empty());
+    let ids: Vec<(u64, u64)> = stored
+        .iter()
+        .map(|e| parse_event_id(&e.id).unwrap())
+        .collect();
+    assert_eq!(ids[0], (ahead_ms as u64, 6), "{ids:?}");
+    assert!(ids.windows(2).all(|w| w[0] < w[1]), "{ids:?}");
+    assert!(store.interaction(case).await.unwrap().is_some());
+    let after = store.events_after(Some(&ahead), 100).await.unwrap();
+    assert_eq!(after, stored);
+}
+
 /// A Redis that does not answer is reported at start-up, not on the first webhook.
 #[tokio::test]
 async fn redis_connect_fails_when_redis_is_unreachable() {

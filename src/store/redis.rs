@@ -100,23 +100,32 @@ if #c.events > 0 then
       last_ms, last_seq = ms, seq
     end
   end
-  consider(redis.call('GET', c.stream_last))
-  if redis.call('EXISTS', c.stream) == 1 then
-    local info = redis.call('XINFO', 'STREAM', c.stream)
-    for i = 1, #info, 2 do
-      if info[i] == 'last-generated-id' then consider(info[i + 1]) end
-    end
-  end
-  local id
-  for _, body in ipairs(c.events) do
+  local function advance()
     if now_ms > last_ms then
       last_ms, last_seq = now_ms, 0
     else
       last_seq = last_seq + 1
     end
-    id = string.format('%d-%d', last_ms, last_seq)
+    return string.format('%d-%d', last_ms, last_seq)
+  end
+  consider(redis.call('GET', c.stream_last))
+  local id
+  for n, body in ipairs(c.events) do
+    id = advance()
     -- The event JSON arrives without its ID (only known now): splice it in.
-    redis.call('XADD', c.stream, id, 'event', '{"id":"' .. id .. '",' .. string.sub(body, 2))
+    local added = redis.pcall('XADD', c.stream, id, 'event', '{"id":"' .. id .. '",' .. string.sub(body, 2))
+    if type(added) == 'table' and added.err then
+      -- The stream is ahead of our last ID (an entry added by someone else,
+      -- or the key holding our last ID lost): go on after the stream's own.
+      -- Only the first XADD can meet this; nothing is written yet.
+      if n > 1 then return redis.error_reply(added.err) end
+      local info = redis.call('XINFO', 'STREAM', c.stream)
+      for i = 1, #info, 2 do
+        if info[i] == 'last-generated-id' then consider(info[i + 1]) end
+      end
+      id = advance()
+      redis.call('XADD', c.stream, id, 'event', '{"id":"' .. id .. '",' .. string.sub(body, 2))
+    end
     ids[#ids + 1] = id
   end
   redis.call('SET', c.stream_last, id)
