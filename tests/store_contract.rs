@@ -1432,19 +1432,26 @@ async fn redis_two_stores_on_one_prefix_share_state_and_live_events() {
     drop((a, b));
 }
 
-/// Routing engines read `{prefix}:routing` directly (CONTRACT.md): one entry
-/// per event, field `event` holding the event JSON whose `id` is the entry ID.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn redis_routing_stream_holds_each_event_under_its_id() {
+/// A Redis store under fresh keys, and a connection of the test's own to
+/// look at what it wrote.
+async fn redis_store_with_conn() -> (RedisKeys, DynStore, redis::aio::MultiplexedConnection) {
     let keys = RedisKeys::new();
     let store: DynStore = RedisStore::connect(&redis_url(), &keys.prefix, RETENTION)
         .await
         .unwrap();
+    let client = redis::Client::open(redis_url()).unwrap();
+    let conn = client.get_multiplexed_async_connection().await.unwrap();
+    (keys, store, conn)
+}
+
+/// Routing engines read `{prefix}:routing` directly (CONTRACT.md): one entry
+/// per event, field `event` holding the event JSON whose `id` is the entry ID.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_routing_stream_holds_each_event_under_its_id() {
+    let (keys, store, mut conn) = redis_store_with_conn().await;
     let first = first_message(&store, "15551234567", "support").await;
     let stored = store.commit(first.commit()).await.unwrap();
 
-    let client = redis::Client::open(redis_url()).unwrap();
-    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
     let entries: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
         .arg(format!("{}:routing", keys.prefix))
         .arg("-")
@@ -1468,12 +1475,7 @@ async fn redis_routing_stream_holds_each_event_under_its_id() {
 /// last entry, and the commit is stored whole.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_events_follow_an_entry_added_to_the_stream_by_someone_else() {
-    let keys = RedisKeys::new();
-    let store: DynStore = RedisStore::connect(&redis_url(), &keys.prefix, RETENTION)
-        .await
-        .unwrap();
-    let client = redis::Client::open(redis_url()).unwrap();
-    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let (keys, store, mut conn) = redis_store_with_conn().await;
     let ahead_ms = chrono::Utc::now().timestamp_millis() + 60_000;
     let ahead = format!("{ahead_ms}-5");
     let _: String = redis::cmd("XADD")
@@ -1528,13 +1530,8 @@ async fn follower_client_id(
 /// reconnects and delivers what was committed meanwhile.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_live_events_survive_a_lost_connection() {
-    let keys = RedisKeys::new();
-    let store: DynStore = RedisStore::connect(&redis_url(), &keys.prefix, RETENTION)
-        .await
-        .unwrap();
+    let (keys, store, mut conn) = redis_store_with_conn().await;
     let mut rx = store.subscribe();
-    let client = redis::Client::open(redis_url()).unwrap();
-    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
     let mut id = None;
     for _ in 0..100 {
         id = follower_client_id(&mut conn, &keys.prefix).await;
@@ -1568,12 +1565,7 @@ async fn redis_live_events_survive_a_lost_connection() {
 /// A dropped store must not leave a connection blocked on Redis behind it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_follower_stops_when_the_store_is_dropped() {
-    let keys = RedisKeys::new();
-    let store: DynStore = RedisStore::connect(&redis_url(), &keys.prefix, RETENTION)
-        .await
-        .unwrap();
-    let client = redis::Client::open(redis_url()).unwrap();
-    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let (keys, store, mut conn) = redis_store_with_conn().await;
     let mut seen = false;
     for _ in 0..100 {
         seen = follower_client_id(&mut conn, &keys.prefix).await.is_some();
