@@ -66,7 +66,7 @@ async fn sends_received(twilio: &MockServer) -> usize {
 async fn crash_with_sigkill_loses_no_acknowledged_webhook() {
     // Enough that the embedded store's checkpointer has written some of them
     // into redb in non-durable steps before the kill (about 3 keys a webhook,
-    // 128 keys a step): those steps are rolled back and replayed from the log.
+    // 128 to 1,024 keys a step): those steps are rolled back and replayed from the log.
     const TOTAL: usize = 1200;
     const TASKS: usize = 10;
     const KILL_AFTER: usize = 600;

@@ -15,13 +15,13 @@
 //!
 //! The checkpointer folds the ops into redb as they come: the latest value
 //! of each key, in non-durable transactions of [`CHUNK_KEYS`] to
-//! [`MAX_CHUNK_KEYS`] keys whose writeback it starts at once. A segment is closed about once a
-//! second (or when its slot is full); the checkpointer then writes what is
-//! left in a durable transaction that also records the segment's number as
-//! `checkpointed`, and only then is the slot reused. A crash rolls redb back
-//! to its last durable transaction. Recovery replays, in order, every segment numbered after
-//! `checkpointed`; replaying is idempotent because every op sets or removes
-//! a whole record.
+//! [`MAX_CHUNK_KEYS`] keys whose writeback it starts at once. A segment is
+//! closed about once a second (or when its slot is full); the checkpointer
+//! then writes what is left in a durable transaction that also records the
+//! segment's number as `checkpointed`, and only then is the slot reused. A
+//! crash rolls redb back to its last durable transaction. Recovery replays,
+//! in order, every segment numbered after `checkpointed`; replaying is
+//! idempotent because every op sets or removes a whole record.
 
 use super::{CLAIMS, CONTACTS, EVENTS, INTERACTIONS, KV, MESSAGES, META, NOTES, OUTBOX};
 use parking_lot::Mutex;
