@@ -1853,10 +1853,7 @@ impl Gateway {
             Ok(Some(i)) => {
                 queues.contains(&i.queue)
                     || i.assigned_to.as_deref() == Some(actor.id())
-                    || e.data
-                        .get("from")
-                        .and_then(|f| f.as_str())
-                        .is_some_and(|f| queues.iter().any(|q| q == f))
+                    || e.data_str("from").is_some_and(|f| queues.contains(&f))
             }
             _ => false,
         }

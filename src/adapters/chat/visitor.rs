@@ -639,7 +639,7 @@ impl Follower {
     }
 
     pub async fn classify(&mut self, g: &Gateway, e: &Event) -> Relevance {
-        if e.channel.get("id").and_then(|v| v.as_str()) != Some(self.session.channel_id.as_str()) {
+        if e.channel_id().as_deref() != Some(self.session.channel_id.as_str()) {
             return Relevance::None;
         }
         let wanted = match e.kind.as_str() {
@@ -648,8 +648,8 @@ impl Follower {
             | "interaction.resolved"
             | "message.updated"
             | "interaction.created" => Relevance::Sync,
-            "interaction.typing" if e.data.get("who").and_then(|w| w.as_str()) == Some("agent") => {
-                Relevance::Typing(e.data.get("state").and_then(|s| s.as_str()) == Some("on"))
+            "interaction.typing" if e.data_str("who").as_deref() == Some("agent") => {
+                Relevance::Typing(e.data_str("state").as_deref() == Some("on"))
             }
             _ => return Relevance::None,
         };
