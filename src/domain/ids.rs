@@ -200,7 +200,11 @@ impl fmt::Display for DigitalId {
 
 /// A new random identifier (for messages, attachments, contacts).
 pub fn new_id() -> String {
-    uuid::Uuid::new_v4().simple().to_string()
+    // A v4 UUID from the thread's CSPRNG: `Uuid::new_v4` asks the kernel for
+    // each one (a `getrandom` system call per ID, several per webhook).
+    let uuid = uuid::Builder::from_random_bytes(rand::random()).into_uuid();
+    let mut buf = [0u8; uuid::fmt::Simple::LENGTH];
+    uuid.simple().encode_lower(&mut buf).to_owned()
 }
 
 /// An unguessable secret token: 256 bits, URL-safe.
@@ -213,6 +217,16 @@ pub fn new_secret() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn new_ids_are_random_v4_uuids_in_simple_form() {
+        let a = new_id();
+        let parsed = uuid::Uuid::try_parse(&a).unwrap();
+        assert_eq!(parsed.get_version_num(), 4);
+        assert_eq!(parsed.get_variant(), uuid::Variant::RFC4122);
+        assert_eq!(a, parsed.simple().to_string());
+        assert_ne!(a, new_id());
+    }
 
     #[test]
     fn phone_numbers_are_normalised_to_e164() {
