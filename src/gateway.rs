@@ -668,13 +668,13 @@ impl Gateway {
                 ..Commit::default()
             };
             if changed {
-                commit.events = vec![crate::domain::EventDraft {
-                    kind: "message.updated".into(),
-                    at: Utc::now(),
-                    case_number: case,
-                    channel: serde_json::json!({"id": i.channel_id, "kind": i.channel_kind}),
-                    data: serde_json::json!({"message": snapshot}),
-                }];
+                commit.events = vec![crate::domain::EventDraft::new(
+                    "message.updated",
+                    Utc::now(),
+                    case,
+                    &i.channel_ref(),
+                    &serde_json::json!({"message": snapshot}),
+                )];
                 commit.interaction = Some(i);
             }
             if let Some(stored) = self.try_commit(commit).await? {
@@ -733,13 +733,13 @@ impl Gateway {
                 return Err(Refusal::NotAssigned.into());
             }
         }
-        let event = crate::domain::EventDraft {
-            kind: "interaction.typing".into(),
-            at: Utc::now(),
-            case_number: case,
-            channel: serde_json::json!({"id": i.channel_id, "kind": i.channel_kind}),
-            data: serde_json::json!({"who": "agent", "agent": actor.id(), "state": if on { "on" } else { "off" }}),
-        };
+        let event = crate::domain::EventDraft::new(
+            "interaction.typing",
+            Utc::now(),
+            case,
+            &i.channel_ref(),
+            &serde_json::json!({"who": "agent", "agent": actor.id(), "state": if on { "on" } else { "off" }}),
+        );
         self.store
             .commit(Commit {
                 events: vec![event],
@@ -765,13 +765,13 @@ impl Gateway {
         else {
             return Ok(true);
         };
-        let event = crate::domain::EventDraft {
-            kind: "interaction.typing".into(),
-            at: Utc::now(),
-            case_number: case,
-            channel: serde_json::json!({"id": ch.config.id, "kind": ch.config.kind}),
-            data: serde_json::json!({"who": "customer", "state": if on { "on" } else { "off" }}),
-        };
+        let event = crate::domain::EventDraft::new(
+            "interaction.typing",
+            Utc::now(),
+            case,
+            &serde_json::json!({"id": ch.config.id, "kind": ch.config.kind}),
+            &serde_json::json!({"who": "customer", "state": if on { "on" } else { "off" }}),
+        );
         self.store
             .commit(Commit {
                 events: vec![event],
@@ -939,13 +939,13 @@ impl Gateway {
                 html: None,
                 raw: None,
             };
-            let event = crate::domain::EventDraft {
-                kind: "message.sent".into(),
-                at: now,
-                case_number: i.case_number,
-                channel: serde_json::json!({"id": channel_id, "kind": kind}),
-                data: serde_json::json!({"message_id": message_id, "status": "sent", "provider_id": m.provider_id, "sent_elsewhere": true, "message": msg.public()}),
-            };
+            let event = crate::domain::EventDraft::new(
+                "message.sent",
+                now,
+                i.case_number,
+                &serde_json::json!({"id": channel_id, "kind": kind}),
+                &serde_json::json!({"message_id": message_id, "status": "sent", "provider_id": m.provider_id, "sent_elsewhere": true, "message": msg.public()}),
+            );
             i.messages.push(Arc::new(msg));
             let case_number = i.case_number;
             let mut index = attachment_index(case_number, &message_id, &attachments);
@@ -1283,13 +1283,13 @@ impl Gateway {
                     _ => i.related_case = v.clone(),
                 }
             }
-            let ev = crate::domain::EventDraft {
-                kind: "interaction.updated".into(),
-                at: now,
-                case_number: i.case_number,
-                channel: serde_json::json!({"id": i.channel_id, "kind": i.channel_kind}),
-                data: patch.clone(),
-            };
+            let ev = crate::domain::EventDraft::new(
+                "interaction.updated",
+                now,
+                i.case_number,
+                &i.channel_ref(),
+                &patch,
+            );
             Ok((vec![ev], Commit::default()))
         })
         .await
@@ -1669,14 +1669,14 @@ impl Gateway {
             i.opened_by.insert(agent.clone(), now);
             let mut msg = self.outgoing_message(wanted, agent, text, attachments.clone(), now);
             msg.html = html.clone();
-            let mut events = vec![crate::domain::EventDraft {
-                kind: "interaction.created".into(),
-                at: now,
+            let mut events = vec![crate::domain::EventDraft::new(
+                "interaction.created",
+                now,
                 case_number,
-                channel: serde_json::json!({"id": channel_id, "kind": wanted}),
-                data: serde_json::json!({"queue": i.queue, "digital_id": i.digital_id, "outbound": true,
+                &serde_json::json!({"id": channel_id, "kind": wanted}),
+                &serde_json::json!({"queue": i.queue, "digital_id": i.digital_id, "outbound": true,
                     "contact": {"id": contact.id, "name": contact.name}}),
-            }];
+            )];
             events.extend(i.reply(actor, msg.clone(), now)?);
             i.received_at = now;
             contact.cases.push(case_number);

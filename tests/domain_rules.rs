@@ -156,9 +156,12 @@ fn first_message_emits_created_then_received() {
     let ev = i.receive(inbound("m1", "hi", t(0)), t(0), true);
     assert_eq!(types(&ev), ["interaction.created", "message.received"]);
     assert!(ev.iter().all(|e| e.case_number == 1001));
-    assert_eq!(ev[0].channel, json!({"id": "wa-main", "kind": "whatsapp"}));
-    assert_eq!(ev[0].data["queue"], "support");
-    assert_eq!(ev[1].data["message"]["text"], "hi");
+    assert_eq!(
+        ev[0].channel_value(),
+        json!({"id": "wa-main", "kind": "whatsapp"})
+    );
+    assert_eq!(ev[0].data_value()["queue"], "support");
+    assert_eq!(ev[1].data_value()["message"]["text"], "hi");
     assert_eq!(i.status, Status::New);
     assert!(i.in_queue);
     assert_eq!(i.messages.len(), 1);
@@ -197,7 +200,7 @@ fn reply_by_the_assigned_agent_resolves_and_leaves_the_queue() {
         .reply(&anne(), outbound("r1", "hello", t(2)), t(2))
         .unwrap();
     assert_eq!(types(&ev), ["interaction.resolved"]);
-    assert_eq!(ev[0].data["by"], "anne");
+    assert_eq!(ev[0].data_value()["by"], "anne");
     assert_eq!(i.status, Status::Resolved);
     assert!(!i.in_queue);
     assert_eq!(i.assigned_to.as_deref(), Some("anne"));
@@ -430,7 +433,7 @@ fn assign_by_an_agent_takes_it_and_emits_assigned() {
     let mut i = received();
     let ev = i.assign(&anne(), "anne", t(1)).unwrap();
     assert_eq!(types(&ev), ["interaction.assigned"]);
-    assert_eq!(ev[0].data["agent"], "anne");
+    assert_eq!(ev[0].data_value()["agent"], "anne");
     assert_eq!(i.assigned_to.as_deref(), Some("anne"));
     assert_eq!(i.status, Status::New, "opening is not answering");
     assert!(i.in_queue);
@@ -497,8 +500,8 @@ fn transfer_to_a_queue_whose_only_member_is_the_transferring_agent_keeps_it() {
     let mut i = held_by_anne();
     let ev = transfer(&mut i, &anne(), "vip", &["anne"], 1);
     assert_eq!(types(&ev), ["interaction.transferred"]);
-    assert_eq!(ev[0].data["from"], "support");
-    assert_eq!(ev[0].data["to"], "vip");
+    assert_eq!(ev[0].data_value()["from"], "support");
+    assert_eq!(ev[0].data_value()["to"], "vip");
     assert_eq!(i.queue, "vip");
     assert_eq!(i.assigned_to.as_deref(), Some("anne"));
     assert!(i.in_queue);
@@ -555,9 +558,9 @@ fn transfer_counts_and_gives_a_new_master_contact_id_from_the_third_on() {
         let n = n as u32 + 1;
         let ev = transfer(&mut i, &anne(), q, &["anne"], n);
         assert_eq!(i.transfer_count, n);
-        assert_eq!(ev[0].data["transfer_count"], n);
+        assert_eq!(ev[0].data_value()["transfer_count"], n);
         assert_eq!(
-            ev[0].data["master_contact_id"],
+            ev[0].data_value()["master_contact_id"],
             i.master_contact_id.as_str()
         );
         if n < 3 {
@@ -640,7 +643,7 @@ fn delivery_queued_to_sent_emits_message_sent_and_later_steps_message_status() {
         t(3),
     );
     assert_eq!(types(&ev), ["message.sent"]);
-    assert_eq!(ev[0].data["status"], "sent");
+    assert_eq!(ev[0].data_value()["status"], "sent");
     assert_eq!(i.messages[1].provider_id.as_deref(), Some("wamid.r1"));
     let ev = i.apply_delivery("r1", DeliveryStatus::Delivered, None, None, t(4));
     assert_eq!(types(&ev), ["message.status"]);
@@ -743,8 +746,8 @@ fn failed_delivery_reopens_and_requeues_while_staying_assigned() {
             "failed after {}",
             after.as_str()
         );
-        assert_eq!(ev[0].data["status"], "failed");
-        assert_eq!(ev[0].data["error"], "bounced");
+        assert_eq!(ev[0].data_value()["status"], "failed");
+        assert_eq!(ev[0].data_value()["error"], "bounced");
         assert_eq!(i.status, Status::Open);
         assert!(i.in_queue);
         assert_eq!(i.assigned_to.as_deref(), Some("anne"));

@@ -238,13 +238,13 @@ async fn stored_interaction(store: &DynStore, digital_id: &str, queue: &str) -> 
 }
 
 fn draft(case_number: u64, kind: &str, n: usize) -> EventDraft {
-    EventDraft {
-        kind: kind.to_string(),
-        at: Utc::now(),
+    EventDraft::new(
+        kind,
+        Utc::now(),
         case_number,
-        channel: serde_json::json!({"id": "wa-main", "kind": "whatsapp"}),
-        data: serde_json::json!({"n": n}),
-    }
+        &serde_json::json!({"id": "wa-main", "kind": "whatsapp"}),
+        &serde_json::json!({"n": n}),
+    )
 }
 
 fn job(case_number: u64, due_at: DateTime<Utc>) -> OutboxJob {

@@ -8,6 +8,7 @@
 use super::ids::ChannelKind;
 use chrono::{DateTime, Duration, Utc};
 use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
@@ -187,17 +188,18 @@ impl Message {
     /// the provider's media URLs (kept only to retry a failed download).
     /// [`Message::public`] as JSON, without copying the message when it has
     /// nothing to hide.
-    pub fn public_json(&self) -> serde_json::Value {
+    /// The message as events and the API show it: without where its media
+    /// came from (copied only when there is something to leave out).
+    pub fn public_view(&self) -> std::borrow::Cow<'_, Message> {
         let hidden = self
             .attachments
             .iter()
             .any(|a| a.source_url.is_some() || a.source_media_id.is_some());
-        let json = if hidden {
-            serde_json::to_value(self.public())
+        if hidden {
+            std::borrow::Cow::Owned(self.public())
         } else {
-            serde_json::to_value(self)
-        };
-        json.expect("messages always serialize")
+            std::borrow::Cow::Borrowed(self)
+        }
     }
 
     pub fn public(&self) -> Message {
@@ -265,15 +267,60 @@ pub struct Interaction {
     pub messages: Vec<Arc<Message>>,
 }
 
-/// What an event says happened, before the store gives it an ID.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// What an event says happened, before the store gives it an ID. Its
+/// channel and data are JSON text from the start (see [`crate::domain::Event`]).
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct EventDraft {
     #[serde(rename = "type")]
     pub kind: String,
     pub at: DateTime<Utc>,
     pub case_number: u64,
-    pub channel: serde_json::Value,
-    pub data: serde_json::Value,
+    pub channel: Box<RawValue>,
+    pub data: Box<RawValue>,
+}
+
+impl EventDraft {
+    pub fn new(
+        kind: &str,
+        at: DateTime<Utc>,
+        case_number: u64,
+        channel: &impl Serialize,
+        data: &impl Serialize,
+    ) -> EventDraft {
+        EventDraft {
+            kind: kind.into(),
+            at,
+            case_number,
+            channel: serde_json::value::to_raw_value(channel).expect("event parts serialize"),
+            data: serde_json::value::to_raw_value(data).expect("event parts serialize"),
+        }
+    }
+
+    /// The draft's `data` as a JSON value.
+    pub fn data_value(&self) -> serde_json::Value {
+        serde_json::from_str(self.data.get()).expect("drafts hold JSON")
+    }
+
+    /// The draft's `channel` as a JSON value.
+    pub fn channel_value(&self) -> serde_json::Value {
+        serde_json::from_str(self.channel.get()).expect("drafts hold JSON")
+    }
+}
+
+impl PartialEq for EventDraft {
+    fn eq(&self, other: &EventDraft) -> bool {
+        self.kind == other.kind
+            && self.at == other.at
+            && self.case_number == other.case_number
+            && self.channel.get() == other.channel.get()
+            && self.data.get() == other.data.get()
+    }
+}
+
+/// The data of `message.received`, serialized without building a tree.
+#[derive(Serialize)]
+struct MessageEvent<'a> {
+    message: std::borrow::Cow<'a, Message>,
 }
 
 /// Why a requested change is refused.
@@ -348,14 +395,13 @@ impl Interaction {
         }
     }
 
-    fn event(&self, kind: &str, at: DateTime<Utc>, data: serde_json::Value) -> EventDraft {
-        EventDraft {
-            kind: kind.into(),
-            at,
-            case_number: self.case_number,
-            channel: serde_json::json!({"id": self.channel_id, "kind": self.channel_kind}),
-            data,
-        }
+    fn event(&self, kind: &str, at: DateTime<Utc>, data: &impl Serialize) -> EventDraft {
+        EventDraft::new(kind, at, self.case_number, &self.channel_ref(), data)
+    }
+
+    /// `{"id", "kind"}` of the interaction's channel, as events carry it.
+    pub fn channel_ref(&self) -> serde_json::Value {
+        serde_json::json!({"id": self.channel_id, "kind": self.channel_kind})
     }
 
     /// Whether a message from this contact should start a new interaction
@@ -372,7 +418,7 @@ impl Interaction {
             events.push(self.event(
                 "interaction.created",
                 now,
-                serde_json::json!({"queue": self.queue, "digital_id": self.digital_id,
+                &serde_json::json!({"queue": self.queue, "digital_id": self.digital_id,
                     "contact": {"id": self.contact_id, "name": self.contact_name}}),
             ));
         }
@@ -387,7 +433,7 @@ impl Interaction {
             events.push(self.event(
                 "interaction.reopened",
                 now,
-                serde_json::json!({"queue": self.queue}),
+                &serde_json::json!({"queue": self.queue}),
             ));
         }
         if self.ended_at.is_some() {
@@ -400,7 +446,9 @@ impl Interaction {
         events.push(self.event(
             "message.received",
             now,
-            serde_json::json!({"message": msg.public_json()}),
+            &MessageEvent {
+                message: msg.public_view(),
+            },
         ));
         self.messages.push(Arc::new(msg));
         events
@@ -425,7 +473,7 @@ impl Interaction {
             Ok(vec![self.event(
                 "interaction.assigned",
                 now,
-                serde_json::json!({"agent": agent}),
+                &serde_json::json!({"agent": agent}),
             )])
         } else {
             Ok(vec![])
@@ -456,7 +504,7 @@ impl Interaction {
             events.push(self.event(
                 "interaction.resolved",
                 now,
-                serde_json::json!({"by": actor.id(), "message": msg.public()}),
+                &serde_json::json!({"by": actor.id(), "message": msg.public()}),
             ));
         }
         Ok(events)
@@ -479,7 +527,7 @@ impl Interaction {
         Ok(vec![self.event(
             "interaction.resolved",
             now,
-            serde_json::json!({"by": actor.id()}),
+            &serde_json::json!({"by": actor.id()}),
         )])
     }
 
@@ -515,7 +563,7 @@ impl Interaction {
         Ok(vec![self.event(
             "interaction.ended",
             now,
-            serde_json::json!({"by": actor.id(), "disposition": self.disposition}),
+            &serde_json::json!({"by": actor.id(), "disposition": self.disposition}),
         )])
     }
 
@@ -542,7 +590,7 @@ impl Interaction {
             events.push(self.event(
                 "interaction.reopened",
                 now,
-                serde_json::json!({"queue": self.queue}),
+                &serde_json::json!({"queue": self.queue}),
             ));
         }
         let from = std::mem::replace(&mut self.queue, target.to_string());
@@ -561,7 +609,7 @@ impl Interaction {
         events.push(self.event(
             "interaction.transferred",
             now,
-            serde_json::json!({"from": from, "to": target, "by": actor.id(),
+            &serde_json::json!({"from": from, "to": target, "by": actor.id(),
                 "assigned_to": self.assigned_to, "transfer_count": self.transfer_count,
                 "master_contact_id": self.master_contact_id}),
         ));
@@ -602,7 +650,7 @@ impl Interaction {
         let mut events = vec![self.event(
             kind,
             now,
-            serde_json::json!({"message_id": snapshot.id, "status": status, "provider_id": snapshot.provider_id, "error": snapshot.error}),
+            &serde_json::json!({"message_id": snapshot.id, "status": status, "provider_id": snapshot.provider_id, "error": snapshot.error}),
         )];
         if status == DeliveryStatus::Failed {
             // The customer must not be left unanswered: back on the queue, still assigned.
@@ -616,7 +664,7 @@ impl Interaction {
                 events.push(self.event(
                     "interaction.reopened",
                     now,
-                    serde_json::json!({"queue": self.queue, "reason": "delivery_failed"}),
+                    &serde_json::json!({"queue": self.queue, "reason": "delivery_failed"}),
                 ));
             }
         }

@@ -82,21 +82,18 @@ impl PartialEq for Event {
 
 impl Event {
     pub fn from_draft(id: String, d: EventDraft) -> Event {
-        let raw = |v: &serde_json::Value| {
-            Arc::from(serde_json::value::to_raw_value(v).expect("JSON values serialize"))
-        };
         Event {
             id,
             kind: d.kind,
             at: d.at,
             case_number: d.case_number,
-            channel: raw(&d.channel),
-            data: raw(&d.data),
+            channel: Arc::from(d.channel),
+            data: Arc::from(d.data),
         }
     }
 
     /// The event's `data` as a JSON value.
-    pub fn data(&self) -> serde_json::Value {
+    pub fn data_value(&self) -> serde_json::Value {
         serde_json::from_str(self.data.get()).unwrap_or_default()
     }
 
@@ -129,13 +126,13 @@ mod tests {
     use super::*;
 
     fn draft() -> EventDraft {
-        EventDraft {
-            kind: "interaction.transferred".into(),
-            at: "2026-12-06T10:00:00Z".parse().unwrap(),
-            case_number: 1001,
-            channel: serde_json::json!({"id": "sms-main", "kind": "sms"}),
-            data: serde_json::json!({"from": "support \"east\"", "to": "vip", "count": 2}),
-        }
+        EventDraft::new(
+            "interaction.transferred",
+            "2026-12-06T10:00:00Z".parse().unwrap(),
+            1001,
+            &serde_json::json!({"id": "sms-main", "kind": "sms"}),
+            &serde_json::json!({"from": "support \"east\"", "to": "vip", "count": 2}),
+        )
     }
 
     #[test]
@@ -153,7 +150,7 @@ mod tests {
         );
         let back: Event = serde_json::from_str(&text).unwrap();
         assert_eq!(back, e);
-        assert_eq!(back.data()["count"], 2);
+        assert_eq!(back.data_value()["count"], 2);
     }
 
     #[test]
