@@ -6,6 +6,7 @@
 //! result with a version check; no backend re-implements a rule.
 
 use super::ids::ChannelKind;
+use super::time::{rfc3339, rfc3339_opt};
 use chrono::{DateTime, Duration, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
@@ -126,6 +127,7 @@ pub struct Message {
     pub attachments: Vec<Attachment>,
     /// For inbound, the provider's timestamp when known; for outbound, when
     /// the agent sent it.
+    #[serde(serialize_with = "rfc3339")]
     pub sent_at: DateTime<Utc>,
     pub status: DeliveryStatus,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -166,6 +168,7 @@ pub struct MessageReaction {
     /// The digital ID of who reacted.
     pub from: String,
     pub emoji: String,
+    #[serde(serialize_with = "rfc3339")]
     pub at: DateTime<Utc>,
 }
 
@@ -217,6 +220,7 @@ pub struct Disposition {
     pub related_name: Option<String>,
     pub related_case: Option<String>,
     pub ended_by: String,
+    #[serde(serialize_with = "rfc3339")]
     pub ended_at: DateTime<Utc>,
 }
 
@@ -241,10 +245,16 @@ pub struct Interaction {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub tags: Vec<String>,
     /// When the gateway received the latest customer message.
+    #[serde(serialize_with = "rfc3339")]
     pub received_at: DateTime<Utc>,
     /// The provider's timestamp of the latest customer message (the window runs from it).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        serialize_with = "rfc3339_opt"
+    )]
     pub last_customer_at: Option<DateTime<Utc>>,
+    #[serde(serialize_with = "rfc3339")]
     pub created_at: DateTime<Utc>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub assigned_to: Option<String>,
@@ -257,7 +267,11 @@ pub struct Interaction {
     pub related_name: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub related_case: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        serialize_with = "rfc3339_opt"
+    )]
     pub ended_at: Option<DateTime<Utc>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub disposition: Option<Disposition>,
@@ -273,6 +287,7 @@ pub struct Interaction {
 pub struct EventDraft {
     #[serde(rename = "type")]
     pub kind: String,
+    #[serde(serialize_with = "rfc3339")]
     pub at: DateTime<Utc>,
     pub case_number: u64,
     pub channel: Box<RawValue>,

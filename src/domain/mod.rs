@@ -2,6 +2,7 @@
 
 pub mod ids;
 pub mod interaction;
+pub mod time;
 
 pub use ids::{new_id, new_secret, ChannelKind, DigitalId, EmailAddress, PhoneNumber};
 pub use interaction::{
@@ -39,6 +40,7 @@ pub struct Contact {
     /// SMS: the contact sent STOP (or another opt-out word) and not START since.
     #[serde(default)]
     pub opted_out: bool,
+    #[serde(serialize_with = "time::rfc3339")]
     pub created_at: DateTime<Utc>,
 }
 
@@ -63,6 +65,7 @@ pub struct Event {
     pub id: String,
     #[serde(rename = "type")]
     pub kind: String,
+    #[serde(serialize_with = "time::rfc3339")]
     pub at: DateTime<Utc>,
     pub case_number: u64,
     pub channel: Arc<RawValue>,
