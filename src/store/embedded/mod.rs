@@ -41,7 +41,12 @@ use wal::{Op, Wal};
 mod wal;
 
 const INTERACTIONS: TableDefinition<u64, &[u8]> = TableDefinition::new("interactions");
+/// Messages before this version, keyed by (case, index in the thread). Its
+/// rows move to [`MESSAGE_LOG`] when a store is opened.
 const MESSAGES: TableDefinition<(u64, u32), &[u8]> = TableDefinition::new("messages");
+/// Messages keyed in the order they were first written (see
+/// [`wal::MessageKeys`]); a value is `case: u64 LE | index: u32 LE | JSON`.
+const MESSAGE_LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("message_log");
 const CONTACTS: TableDefinition<&str, &[u8]> = TableDefinition::new("contacts");
 const CLAIMS: TableDefinition<&str, &str> = TableDefinition::new("claims");
 const EVENTS: TableDefinition<(u64, u64), &[u8]> = TableDefinition::new("events");
@@ -116,6 +121,7 @@ impl EmbeddedStore {
             let w = db.begin_write()?;
             w.open_table(INTERACTIONS)?;
             w.open_table(MESSAGES)?;
+            w.open_table(MESSAGE_LOG)?;
             w.open_table(CONTACTS)?;
             w.open_table(CLAIMS)?;
             w.open_table(EVENTS)?;
@@ -132,6 +138,8 @@ impl EmbeddedStore {
             .get("checkpointed")?
             .map(|v| v.value())
             .unwrap_or(0);
+        migrate_message_keys(&db)?;
+        let mut keys = wal::MessageKeys::load(&db)?;
         let recovered = wal::recover(&dir.join("wal"), checkpointed)?;
         let mut next_seq = checkpointed + 1;
         if let Some(last) = recovered.last_seq {
@@ -139,10 +147,10 @@ impl EmbeddedStore {
             for ops in recovered.frames {
                 pending.add(ops);
             }
-            pending.flush(&db, Some(last))?;
+            pending.flush(&db, &mut keys, Some(last))?;
             next_seq = last + 1;
         }
-        migrate_inline_messages(&db)?;
+        migrate_inline_messages(&db, &mut keys)?;
         let state = load(&db)?;
         let db = Arc::new(db);
         let (tx, rx) = mpsc::unbounded_channel();
@@ -155,7 +163,7 @@ impl EmbeddedStore {
         let ck_free = log.free_slots();
         std::thread::Builder::new()
             .name("embedded-checkpoint".into())
-            .spawn(move || wal::checkpointer(ck_db, db_file, ck_rx, ck_free))?;
+            .spawn(move || wal::checkpointer(ck_db, keys, db_file, ck_rx, ck_free))?;
         let writer_db = db.clone();
         let writer_events = events.clone();
         let broken = Arc::new(AtomicBool::new(false));
@@ -223,7 +231,7 @@ fn open_db(file: &Path) -> anyhow::Result<Database> {
 /// Interactions stored before messages had a table of their own carry them
 /// inline; they move to the message table once, so that a commit writing
 /// only the changed messages never loses the others.
-fn migrate_inline_messages(db: &Database) -> anyhow::Result<()> {
+fn migrate_inline_messages(db: &Database, keys: &mut wal::MessageKeys) -> anyhow::Result<()> {
     let mut inline = vec![];
     {
         let r = db.begin_read()?;
@@ -238,28 +246,52 @@ fn migrate_inline_messages(db: &Database) -> anyhow::Result<()> {
     if inline.is_empty() {
         return Ok(());
     }
+    let mut pending = wal::Pending::default();
+    for mut i in inline {
+        let mut ops = vec![];
+        interaction_ops(&mut ops, None, &mut i);
+        // A message row already there is newer than the inline copy.
+        ops.retain(|op| !matches!(op, Op::Message(k, n, _) if keys.contains(*k, *n)));
+        pending.add(ops);
+    }
+    // Durable, recording the same checkpoint as before.
+    let checkpointed = db
+        .begin_read()?
+        .open_table(META)?
+        .get("checkpointed")?
+        .map(|v| v.value())
+        .unwrap_or(0);
+    pending.flush(db, keys, Some(checkpointed))
+}
+
+/// Messages stored by (case, index) move to the message log, in that order,
+/// in one transaction: the first open after an upgrade does it once.
+fn migrate_message_keys(db: &Database) -> anyhow::Result<()> {
     let w = db.begin_write()?;
-    {
-        let mut interactions = w.open_table(INTERACTIONS)?;
-        let mut messages = w.open_table(MESSAGES)?;
-        for mut i in inline {
-            let mut ops = vec![];
-            interaction_ops(&mut ops, None, &mut i);
-            for op in ops {
-                match op {
-                    Op::Interaction(k, v) => {
-                        interactions.insert(k, v.as_slice())?;
-                    }
-                    // A row already there is newer than the inline copy.
-                    Op::Message(k, n, v) if messages.get((k, n))?.is_none() => {
-                        messages.insert((k, n), v.as_slice())?;
-                    }
-                    _ => {}
-                }
-            }
+    let moved = {
+        let mut old = w.open_table(MESSAGES)?;
+        let mut log = w.open_table(MESSAGE_LOG)?;
+        let first = log.last()?.map(|(k, _)| k.value() + 1).unwrap_or(1);
+        let mut moved = 0u64;
+        for row in old.iter()? {
+            let (k, v) = row?;
+            let (case, index) = k.value();
+            let row = wal::message_value(case, index, v.value());
+            log.insert(first + moved, row.as_slice())?;
+            moved += 1;
         }
+        old.retain(|_, _| false)?;
+        moved
+    };
+    if moved == 0 {
+        w.abort()?;
+        return Ok(());
     }
     w.commit()?;
+    tracing::info!(
+        messages = moved,
+        "moved the stored messages to the message log"
+    );
     Ok(())
 }
 
@@ -276,12 +308,17 @@ fn load(db: &Database) -> anyhow::Result<State> {
         state.next_case = state.next_case.max(k.value() + 1);
         state.interactions.insert(k.value(), i);
     }
-    // Messages in key order: (case, index). Records written before messages
-    // had their own table carry them inline; a row replaces or extends those.
-    for row in r.open_table(MESSAGES)?.iter()? {
-        let (k, v) = row?;
-        let (case, index) = k.value();
-        let m: Arc<Message> = serde_json::from_slice(v.value())?;
+    // Messages in (case, index) order. Records written before messages had
+    // their own table carry them inline; a row replaces or extends those.
+    let mut messages = vec![];
+    for row in r.open_table(MESSAGE_LOG)?.iter()? {
+        let (_, v) = row?;
+        let (case, index, json) = wal::split_message_value(v.value())?;
+        let m: Arc<Message> = serde_json::from_slice(json)?;
+        messages.push((case, index, m));
+    }
+    messages.sort_unstable_by_key(|(case, index, _)| (*case, *index));
+    for (case, index, m) in messages {
         if let Some(i) = state.interactions.get_mut(&case) {
             let index = index as usize;
             if index < i.messages.len() {
@@ -769,6 +806,7 @@ impl Store for EmbeddedStore {
 mod tests {
     use super::*;
     use crate::store::Claim;
+    use redb::ReadableTableMetadata;
 
     fn claim(key: &str) -> Commit {
         Commit {
@@ -874,6 +912,102 @@ mod tests {
         assert_eq!(i.messages[0].text, "from before the upgrade");
         store.commit(claim("msg:sms:SMnew")).await.unwrap();
         assert_eq!(store.next_case_number().await.unwrap(), 1002);
+    }
+
+    async fn reopen(dir: &Path) -> Arc<EmbeddedStore> {
+        // The writer thread lets go of the file shortly after a drop.
+        for _ in 0..100 {
+            if let Ok(s) = EmbeddedStore::open(dir, Duration::from_secs(3600)) {
+                return s;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("the store did not reopen");
+    }
+
+    fn message(text: &str) -> Arc<Message> {
+        Arc::new(
+            serde_json::from_value(serde_json::json!({"id": crate::domain::new_id(),
+                "direction": "inbound", "text": text, "sent_at": Utc::now(),
+                "status": "received"}))
+            .unwrap(),
+        )
+    }
+
+    /// (rows in the old (case, index) table, rows in the message log)
+    fn message_rows(db: &Database) -> (u64, u64) {
+        let r = db.begin_read().unwrap();
+        (
+            r.open_table(MESSAGES).unwrap().len().unwrap(),
+            r.open_table(MESSAGE_LOG).unwrap().len().unwrap(),
+        )
+    }
+
+    fn texts(i: &Interaction) -> Vec<&str> {
+        i.messages.iter().map(|m| m.text.as_str()).collect()
+    }
+
+    /// Messages stored by (case, index), as the previous version did, move
+    /// to the message log when the store opens; a later change to one is
+    /// written over it, not added again.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn messages_stored_by_case_and_index_move_to_the_message_log() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = EmbeddedStore::open(dir.path(), Duration::from_secs(3600)).unwrap();
+        let mut i = Interaction::new(crate::domain::NewInteraction {
+            case_number: 1001,
+            channel_id: "sms-main".into(),
+            channel_kind: crate::domain::ChannelKind::Sms,
+            digital_id: "+15551230000".into(),
+            contact_id: "c1".into(),
+            contact_name: None,
+            queue: "support".into(),
+            now: Utc::now(),
+        });
+        i.messages = vec![message("first"), message("second")];
+        let commit = |i: Interaction| Commit {
+            interaction: Some(i),
+            ..Commit::default()
+        };
+        store.commit(commit(i)).await.unwrap();
+        drop(store);
+
+        // Put the rows back where the previous version kept them.
+        let file = dir.path().join("switchboard.redb");
+        let db = loop {
+            match Database::open(&file) {
+                Ok(db) => break db,
+                Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+            }
+        };
+        let w = db.begin_write().unwrap();
+        {
+            let mut log = w.open_table(MESSAGE_LOG).unwrap();
+            let mut old = w.open_table(MESSAGES).unwrap();
+            for row in log.iter().unwrap() {
+                let (_, v) = row.unwrap();
+                let (case, index, json) = wal::split_message_value(v.value()).unwrap();
+                old.insert((case, index), json).unwrap();
+            }
+            log.retain(|_, _| false).unwrap();
+        }
+        w.commit().unwrap();
+        assert_eq!(message_rows(&db), (2, 0), "the fixture");
+        drop(db);
+
+        let store = reopen(dir.path()).await;
+        assert_eq!(message_rows(&store.db), (0, 2));
+        let mut i = store.interaction(1001).await.unwrap().unwrap();
+        assert_eq!(texts(&i), ["first", "second"]);
+        Arc::make_mut(&mut i.messages[0]).text = "first, edited".into();
+        i.messages.push(message("third"));
+        store.commit(commit(i)).await.unwrap();
+        drop(store);
+
+        let store = reopen(dir.path()).await;
+        let i = store.interaction(1001).await.unwrap().unwrap();
+        assert_eq!(texts(&i), ["first, edited", "second", "third"]);
+        assert_eq!(message_rows(&store.db), (0, 3));
     }
 
     /// After a failed log write the mirror may hold a claim that never

@@ -23,10 +23,10 @@
 //! in order, every segment numbered after `checkpointed`; replaying is
 //! idempotent because every op sets or removes a whole record.
 
-use super::{CLAIMS, CONTACTS, EVENTS, INTERACTIONS, KV, MESSAGES, META, NOTES, OUTBOX};
+use super::{CLAIMS, CONTACTS, EVENTS, INTERACTIONS, KV, MESSAGE_LOG, META, NOTES, OUTBOX};
 use parking_lot::Mutex;
 use redb::Database;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::os::unix::fs::FileExt;
@@ -494,6 +494,62 @@ enum Key {
     Kv(String),
 }
 
+/// Where each message is in redb's message log: its key is the order in
+/// which it was first written, so that new messages, whatever conversation
+/// they belong to, go to the end of the table. Keyed by (case, index in the
+/// thread), nearly every new message landed in a different page, which redb
+/// copied and wrote back: half the checkpointer's work at full load.
+pub struct MessageKeys {
+    keys: HashMap<(u64, u32), u64>,
+    next: u64,
+}
+
+impl MessageKeys {
+    /// The keys of the messages redb holds.
+    pub fn load(db: &Database) -> anyhow::Result<MessageKeys> {
+        use redb::{ReadableDatabase, ReadableTable};
+        let mut keys = HashMap::new();
+        let mut next = 1;
+        let r = db.begin_read()?;
+        for row in r.open_table(MESSAGE_LOG)?.iter()? {
+            let (k, v) = row?;
+            let (case, index, _) = split_message_value(v.value())?;
+            keys.insert((case, index), k.value());
+            next = k.value() + 1;
+        }
+        Ok(MessageKeys { keys, next })
+    }
+
+    pub fn contains(&self, case: u64, index: u32) -> bool {
+        self.keys.contains_key(&(case, index))
+    }
+
+    /// The message's key, a new one for a message not stored yet.
+    fn key(&mut self, case: u64, index: u32) -> u64 {
+        let next = &mut self.next;
+        *self.keys.entry((case, index)).or_insert_with(|| {
+            *next += 1;
+            *next - 1
+        })
+    }
+}
+
+/// A message log row: `case: u64 LE | index: u32 LE | JSON`.
+pub fn message_value(case: u64, index: u32, json: &[u8]) -> Vec<u8> {
+    let mut v = Vec::with_capacity(12 + json.len());
+    v.extend_from_slice(&case.to_le_bytes());
+    v.extend_from_slice(&index.to_le_bytes());
+    v.extend_from_slice(json);
+    v
+}
+
+pub fn split_message_value(v: &[u8]) -> anyhow::Result<(u64, u32, &[u8])> {
+    anyhow::ensure!(v.len() >= 12, "a message log row is too short");
+    let case = u64::from_le_bytes(v[..8].try_into()?);
+    let index = u32::from_le_bytes(v[8..12].try_into()?);
+    Ok((case, index, &v[12..]))
+}
+
 /// The latest value of every key changed since the last checkpoint
 /// (`None`: removed).
 #[derive(Default)]
@@ -523,14 +579,19 @@ impl Pending {
     /// records that segment as checkpointed; without, it is not durable (a
     /// step before the segment's end: a crash rolls it back, and the log
     /// still holds it).
-    pub fn flush(&mut self, db: &Database, through: Option<u64>) -> anyhow::Result<()> {
+    pub fn flush(
+        &mut self,
+        db: &Database,
+        keys: &mut MessageKeys,
+        through: Option<u64>,
+    ) -> anyhow::Result<()> {
         let mut w = db.begin_write()?;
         if through.is_none() {
             w.set_durability(redb::Durability::None)?;
         }
         {
             let mut interactions = w.open_table(INTERACTIONS)?;
-            let mut messages = w.open_table(MESSAGES)?;
+            let mut messages = w.open_table(MESSAGE_LOG)?;
             let mut contacts = w.open_table(CONTACTS)?;
             let mut claims = w.open_table(CLAIMS)?;
             let mut events = w.open_table(EVENTS)?;
@@ -545,7 +606,8 @@ impl Pending {
                         interactions.insert(*k, v.as_slice())?;
                     }
                     (Key::Message(k, i), Some(v)) => {
-                        messages.insert((*k, *i), v.as_slice())?;
+                        let row = message_value(*k, *i, v);
+                        messages.insert(keys.key(*k, *i), row.as_slice())?;
                     }
                     (Key::Contact(k), Some(v)) => {
                         contacts.insert(k.as_str(), v.as_slice())?;
@@ -609,6 +671,7 @@ const MAX_CHUNK_KEYS: usize = 8 * CHUNK_KEYS;
 /// the writer lets go of its end of the channel.
 pub fn checkpointer(
     db: Arc<Database>,
+    mut message_keys: MessageKeys,
     db_file: PathBuf,
     rx: std::sync::mpsc::Receiver<ToCheckpointer>,
     slots: Slots,
@@ -632,12 +695,12 @@ pub fn checkpointer(
         match msg {
             ToCheckpointer::Ops(ops) => {
                 pending.add(ops);
-                let keys = pending.0.len();
-                if keys >= MAX_CHUNK_KEYS
-                    || (keys >= CHUNK_KEYS && last_step.elapsed() >= STEP_EVERY)
+                let changed = pending.0.len();
+                if changed >= MAX_CHUNK_KEYS
+                    || (changed >= CHUNK_KEYS && last_step.elapsed() >= STEP_EVERY)
                 {
                     last_step = Instant::now();
-                    match pending.flush(&db, None) {
+                    match pending.flush(&db, &mut message_keys, None) {
                         Ok(()) => start_writeback(writeback.as_ref()),
                         Err(e) => tracing::error!(error = %e, "checkpoint step failed"),
                     }
@@ -646,7 +709,7 @@ pub fn checkpointer(
             ToCheckpointer::SegmentEnd(closed) => {
                 folded += 1;
                 waiting.push(closed.slot);
-                match pending.flush(&db, Some(closed.seq)) {
+                match pending.flush(&db, &mut message_keys, Some(closed.seq)) {
                     Ok(()) => {
                         for slot in waiting.drain(..) {
                             slots.give_back(slot);
