@@ -22,7 +22,8 @@
 //! replays the segments newer than the last checkpoint. An interaction is
 //! stored as a header plus one record per message, and a commit writes only
 //! the messages that changed, so a new message costs the same however long
-//! the conversation is.
+//! the conversation is. Message records are keyed in the order they were
+//! first written, so new ones append to the end of their table.
 
 use super::{Commit, OutboxJob, OutboxRecord, Store, StoreError, StoreResult};
 use crate::domain::{parse_event_id, Contact, Event, Interaction, Message};
