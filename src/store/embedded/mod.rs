@@ -133,12 +133,7 @@ impl EmbeddedStore {
             w.open_table(META)?;
             w.commit()?;
         }
-        let checkpointed = db
-            .begin_read()?
-            .open_table(META)?
-            .get("checkpointed")?
-            .map(|v| v.value())
-            .unwrap_or(0);
+        let checkpointed = checkpointed(&db)?;
         migrate_message_keys(&db)?;
         let mut keys = wal::MessageKeys::load(&db)?;
         let recovered = wal::recover(&dir.join("wal"), checkpointed)?;
@@ -256,13 +251,17 @@ fn migrate_inline_messages(db: &Database, keys: &mut wal::MessageKeys) -> anyhow
         pending.add(ops);
     }
     // Durable, recording the same checkpoint as before.
-    let checkpointed = db
+    pending.flush(db, keys, Some(checkpointed(db)?))
+}
+
+/// The last log segment whose every change is in redb (0: none yet).
+fn checkpointed(db: &Database) -> anyhow::Result<u64> {
+    Ok(db
         .begin_read()?
         .open_table(META)?
         .get("checkpointed")?
         .map(|v| v.value())
-        .unwrap_or(0);
-    pending.flush(db, keys, Some(checkpointed))
+        .unwrap_or(0))
 }
 
 /// Messages stored by (case, index) move to the message log, in that order,
@@ -875,17 +874,7 @@ mod tests {
                 let interactions: redb2::TableDefinition<u64, &[u8]> =
                     redb2::TableDefinition::new("interactions");
                 let mut t = w.open_table(interactions).unwrap();
-                let i = Interaction::new(crate::domain::NewInteraction {
-                    case_number: 1001,
-                    channel_id: "sms-main".into(),
-                    channel_kind: crate::domain::ChannelKind::Sms,
-                    digital_id: "+15551230000".into(),
-                    contact_id: "c1".into(),
-                    contact_name: None,
-                    queue: "support".into(),
-                    now: Utc::now(),
-                });
-                t.insert(1001, json(&i).as_slice()).unwrap();
+                t.insert(1001, json(&case_1001()).as_slice()).unwrap();
                 let messages: redb2::TableDefinition<(u64, u32), &[u8]> =
                     redb2::TableDefinition::new("messages");
                 let mut t = w.open_table(messages).unwrap();
@@ -926,6 +915,20 @@ mod tests {
         panic!("the store did not reopen");
     }
 
+    /// A new SMS interaction, case 1001, without messages.
+    fn case_1001() -> Interaction {
+        Interaction::new(crate::domain::NewInteraction {
+            case_number: 1001,
+            channel_id: "sms-main".into(),
+            channel_kind: crate::domain::ChannelKind::Sms,
+            digital_id: "+15551230000".into(),
+            contact_id: "c1".into(),
+            contact_name: None,
+            queue: "support".into(),
+            now: Utc::now(),
+        })
+    }
+
     fn message(text: &str) -> Arc<Message> {
         Arc::new(
             serde_json::from_value(serde_json::json!({"id": crate::domain::new_id(),
@@ -955,16 +958,7 @@ mod tests {
     async fn messages_stored_by_case_and_index_move_to_the_message_log() {
         let dir = tempfile::tempdir().unwrap();
         let store = EmbeddedStore::open(dir.path(), Duration::from_secs(3600)).unwrap();
-        let mut i = Interaction::new(crate::domain::NewInteraction {
-            case_number: 1001,
-            channel_id: "sms-main".into(),
-            channel_kind: crate::domain::ChannelKind::Sms,
-            digital_id: "+15551230000".into(),
-            contact_id: "c1".into(),
-            contact_name: None,
-            queue: "support".into(),
-            now: Utc::now(),
-        });
+        let mut i = case_1001();
         i.messages = vec![message("first"), message("second")];
         let commit = |i: Interaction| Commit {
             interaction: Some(i),
@@ -1039,12 +1033,7 @@ mod tests {
         assert!(store.ping().await.is_err(), "readyz must fail");
         drop(store);
 
-        let store = loop {
-            match EmbeddedStore::open(dir.path(), Duration::from_secs(3600)) {
-                Ok(s) => break s,
-                Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
-            }
-        };
+        let store = reopen(dir.path()).await;
         store.ping().await.unwrap();
         assert_eq!(
             store.lookup("msg:sms:SMgood").await.unwrap().as_deref(),
