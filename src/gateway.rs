@@ -12,8 +12,8 @@ use crate::adapters::{
 };
 use crate::config::{ChannelConfig, QueueKind, Settings};
 use crate::domain::{
-    contact_key, new_id, Actor, Attachment, ChannelKind, Contact, DeliveryStatus, DigitalId,
-    Direction, Event, Interaction, Message, NewInteraction, Refusal, Status,
+    contact_key, new_id, Actor, Attachment, ChannelKind, ChannelRef, Contact, DeliveryStatus,
+    DigitalId, Direction, Event, Interaction, Message, NewInteraction, Refusal, Status,
 };
 use crate::manifest::{self, Manifest, MAX_ATTACHMENT_BYTES};
 use crate::metrics::Metrics;
@@ -769,7 +769,10 @@ impl Gateway {
             "interaction.typing",
             Utc::now(),
             case,
-            &serde_json::json!({"id": ch.config.id, "kind": ch.config.kind}),
+            &ChannelRef {
+                id: &ch.config.id,
+                kind: ch.config.kind,
+            },
             &serde_json::json!({"who": "customer", "state": if on { "on" } else { "off" }}),
         );
         self.store
@@ -943,7 +946,10 @@ impl Gateway {
                 "message.sent",
                 now,
                 i.case_number,
-                &serde_json::json!({"id": channel_id, "kind": kind}),
+                &ChannelRef {
+                    id: channel_id,
+                    kind,
+                },
                 &serde_json::json!({"message_id": message_id, "status": "sent", "provider_id": m.provider_id, "sent_elsewhere": true, "message": msg.public()}),
             );
             i.messages.push(Arc::new(msg));
@@ -1673,7 +1679,10 @@ impl Gateway {
                 "interaction.created",
                 now,
                 case_number,
-                &serde_json::json!({"id": channel_id, "kind": wanted}),
+                &ChannelRef {
+                    id: channel_id,
+                    kind: wanted,
+                },
                 &serde_json::json!({"queue": i.queue, "digital_id": i.digital_id, "outbound": true,
                     "contact": {"id": contact.id, "name": contact.name}}),
             )];

@@ -187,12 +187,8 @@ impl Message {
         self.reactions != before
     }
 
-    /// The message as agents, events and routing engines see it: without
-    /// the provider's media URLs (kept only to retry a failed download).
-    /// [`Message::public`] as JSON, without copying the message when it has
+    /// [`Message::public`], without copying the message when it has
     /// nothing to hide.
-    /// The message as events and the API show it: without where its media
-    /// came from (copied only when there is something to leave out).
     pub fn public_view(&self) -> std::borrow::Cow<'_, Message> {
         let hidden = self
             .attachments
@@ -205,6 +201,8 @@ impl Message {
         }
     }
 
+    /// The message as agents, events and routing engines see it: without
+    /// the provider's media URLs (kept only to retry a failed download).
     pub fn public(&self) -> Message {
         let mut m = self.clone();
         for a in &mut m.attachments {
@@ -332,6 +330,13 @@ impl PartialEq for EventDraft {
     }
 }
 
+/// An event's `channel`: `{"id", "kind"}`, serialized without building a tree.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct ChannelRef<'a> {
+    pub id: &'a str,
+    pub kind: ChannelKind,
+}
+
 /// The data of `message.received`, serialized without building a tree.
 #[derive(Serialize)]
 struct MessageEvent<'a> {
@@ -414,9 +419,12 @@ impl Interaction {
         EventDraft::new(kind, at, self.case_number, &self.channel_ref(), data)
     }
 
-    /// `{"id", "kind"}` of the interaction's channel, as events carry it.
-    pub fn channel_ref(&self) -> serde_json::Value {
-        serde_json::json!({"id": self.channel_id, "kind": self.channel_kind})
+    /// The interaction's channel, as events carry it.
+    pub fn channel_ref(&self) -> ChannelRef<'_> {
+        ChannelRef {
+            id: &self.channel_id,
+            kind: self.channel_kind,
+        }
     }
 
     /// Whether a message from this contact should start a new interaction
@@ -715,7 +723,7 @@ impl Interaction {
     ) -> serde_json::Value {
         let mut v = serde_json::json!({
             "case_number": self.case_number,
-            "channel": {"id": self.channel_id, "kind": self.channel_kind},
+            "channel": self.channel_ref(),
             "digital_id": self.digital_id,
             "contact": {"id": self.contact_id, "name": self.contact_name},
             "status": self.status,

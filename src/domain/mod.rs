@@ -6,8 +6,8 @@ pub mod time;
 
 pub use ids::{new_id, new_secret, ChannelKind, DigitalId, EmailAddress, PhoneNumber};
 pub use interaction::{
-    Actor, Attachment, DeliveryStatus, Direction, Disposition, EventDraft, Interaction, Message,
-    NewInteraction, Refusal, Status,
+    Actor, Attachment, ChannelRef, DeliveryStatus, Direction, Disposition, EventDraft, Interaction,
+    Message, NewInteraction, Refusal, Status,
 };
 
 use chrono::{DateTime, Utc};

@@ -528,8 +528,9 @@ impl MessageKeys {
     fn key(&mut self, case: u64, index: u32) -> u64 {
         let next = &mut self.next;
         *self.keys.entry((case, index)).or_insert_with(|| {
+            let key = *next;
             *next += 1;
-            *next - 1
+            key
         })
     }
 }
