@@ -19,6 +19,8 @@
 # Before the embedded store's runs, `loadgen --mode fsync` measures the disk
 # itself (8 KiB write + fdatasync, back to back, in the same directory): the
 # floor under any durable commit on this machine.
+# Both runs of a store use the same gateway configuration, with
+# server.pin_workers = true: the machine is the gateway's own.
 # Every webhook has its own MessageSid; senders cycle through 4,000 numbers.
 # Only 127.0.0.1 is contacted. Everything started here is stopped on exit.
 set -euo pipefail
@@ -105,6 +107,7 @@ write_config() { # store prefix → path of a config file
 [server]
 listen = "127.0.0.1:0"
 public_url = "https://switchboard.bench.example"
+pin_workers = true
 
 [store]
 backend = "$store"

@@ -176,6 +176,42 @@ pub fn build_channels(
     Ok(out)
 }
 
+/// `server.pin_workers`: worker threads take the CPUs the process may use
+/// in turn, one each, the first time they build their services.
+struct WorkerPinning {
+    cpus: Vec<core_affinity::CoreId>,
+    next: std::sync::atomic::AtomicUsize,
+}
+
+thread_local! {
+    static PINNED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+impl WorkerPinning {
+    fn new() -> WorkerPinning {
+        WorkerPinning {
+            cpus: core_affinity::get_core_ids().unwrap_or_default(),
+            next: Default::default(),
+        }
+    }
+
+    /// Pins the calling thread to the next CPU, once per thread. Returns the
+    /// CPU, or `None` when the thread was pinned before or pinning failed.
+    fn pin_this_thread(&self) -> Option<usize> {
+        if self.cpus.is_empty() || PINNED.with(|p| p.replace(true)) {
+            return None;
+        }
+        let i = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let cpu = self.cpus[i % self.cpus.len()];
+        if core_affinity::set_for_current(cpu) {
+            Some(cpu.id)
+        } else {
+            tracing::warn!(cpu = cpu.id, "could not pin an HTTP worker to its CPU");
+            None
+        }
+    }
+}
+
 impl Application {
     pub async fn build(mut settings: Settings) -> anyhow::Result<Application> {
         let listener = TcpListener::bind(&settings.server.listen)
@@ -215,7 +251,16 @@ impl Application {
             shutdown: shutdown.clone(),
         });
         let demo = settings.demo;
+        let pinning = settings
+            .server
+            .pin_workers
+            .then(|| Arc::new(WorkerPinning::new()));
+        let workers = settings.server.workers;
         let server = HttpServer::new(move || {
+            // Called on each worker thread as it builds its services.
+            if let Some(p) = &pinning {
+                p.pin_this_thread();
+            }
             let app = App::new()
                 .app_data(state.clone())
                 .app_data(web::PayloadConfig::new(2 * 1024 * 1024))
@@ -232,7 +277,7 @@ impl Application {
                 app
             }
         })
-        .workers(2)
+        .workers(workers)
         .disable_signals()
         .shutdown_timeout(10)
         .listen(listener)?
@@ -343,4 +388,38 @@ async fn wait_for_signal(token: &CancellationToken) {
 /// carry a web chat token), status and time.
 fn tracing_actix() -> actix_web::middleware::Logger {
     actix_web::middleware::Logger::new("%m %U %s %Dms").log_target("switchboard::http")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// If this fails, `server.pin_workers` leaves workers free to pile up on
+    /// one CPU, or pins a worker again (to another CPU) each time it builds
+    /// its services.
+    #[test]
+    fn worker_threads_take_the_cpus_in_turn_once_each() {
+        let pinning = Arc::new(WorkerPinning::new());
+        let cpus: Vec<usize> = pinning.cpus.iter().map(|c| c.id).collect();
+        assert!(!cpus.is_empty(), "no CPU to run on");
+        for i in 0..cpus.len() + 1 {
+            let p = pinning.clone();
+            let (first, again, allowed) = std::thread::spawn(move || {
+                let first = p.pin_this_thread();
+                let again = p.pin_this_thread();
+                let allowed: Vec<usize> = core_affinity::get_core_ids()
+                    .unwrap_or_default()
+                    .iter()
+                    .map(|c| c.id)
+                    .collect();
+                (first, again, allowed)
+            })
+            .join()
+            .unwrap();
+            let cpu = cpus[i % cpus.len()];
+            assert_eq!(first, Some(cpu), "worker {i}");
+            assert_eq!(again, None, "worker {i} was pinned twice");
+            assert_eq!(allowed, vec![cpu], "worker {i} may still run elsewhere");
+        }
+    }
 }

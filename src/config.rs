@@ -45,6 +45,12 @@ pub struct ServerSettings {
     pub max_email_bytes: usize,
     /// How long the outbox keeps retrying a reply before marking it failed.
     pub delivery_give_up_seconds: u64,
+    /// HTTP worker threads; each serves its own connections.
+    pub workers: usize,
+    /// Keeps each HTTP worker thread on one CPU (worker *i* on the *i*-th CPU
+    /// the process may use), so that two workers never queue on one CPU
+    /// while another idles. For a machine the gateway has to itself.
+    pub pin_workers: bool,
 }
 
 impl Default for ServerSettings {
@@ -56,6 +62,8 @@ impl Default for ServerSettings {
             max_webhook_bytes: 4 * 1024 * 1024,
             max_email_bytes: 64 * 1024 * 1024,
             delivery_give_up_seconds: 24 * 3600,
+            workers: 2,
+            pin_workers: false,
         }
     }
 }
@@ -337,6 +345,9 @@ impl Settings {
                 p.push(format!("server.public_url: not a URL: {u}"));
             }
         }
+        if self.server.workers == 0 {
+            p.push("server.workers: must be at least 1".to_string());
+        }
         let mut seen = std::collections::HashSet::new();
         for q in &self.queues {
             if !seen.insert(("queue", q.id.clone())) {
@@ -481,5 +492,32 @@ account_sid = "AC1"
         )
         .unwrap_err();
         assert!(err.to_string().contains("NOPE") || err.to_string().contains("nope"));
+    }
+
+    /// If this fails, a gateway told to run no HTTP worker starts and
+    /// answers nothing, instead of saying what is wrong.
+    #[test]
+    fn zero_workers_is_a_problem_and_pinning_is_read_from_the_environment() {
+        let s = Settings::from_toml_with_env(
+            DOC,
+            vec![
+                ("SWITCHBOARD__SERVER__WORKERS".to_string(), "0".to_string()),
+                (
+                    "SWITCHBOARD__SERVER__PIN_WORKERS".to_string(),
+                    "true".to_string(),
+                ),
+            ],
+        )
+        .unwrap();
+        assert!(s.server.pin_workers);
+        assert!(
+            s.problems()
+                .contains(&"server.workers: must be at least 1".to_string()),
+            "{:?}",
+            s.problems()
+        );
+        let s = Settings::from_toml_with_env(DOC, vec![]).unwrap();
+        assert_eq!((s.server.workers, s.server.pin_workers), (2, false));
+        assert!(!s.problems().iter().any(|p| p.contains("workers")));
     }
 }

@@ -278,6 +278,85 @@ async fn sigterm_drains_and_exits_zero() {
     assert_eq!(stored, vec!["SMterm1".to_string()]);
 }
 
+/// The CPUs a thread of process `pid` may run on, by thread name, for the
+/// threads whose name starts with `prefix`.
+fn thread_cpus(pid: &str, prefix: &str) -> Vec<(String, String)> {
+    let mut out = vec![];
+    for t in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+        let status = std::fs::read_to_string(t.unwrap().path().join("status")).unwrap_or_default();
+        let field = |k: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(k))
+                .map(|v| v.trim().to_string())
+                .unwrap_or_default()
+        };
+        let name = field("Name:");
+        if name.starts_with(prefix) {
+            out.push((name, field("Cpus_allowed_list:")));
+        }
+    }
+    out.sort();
+    out
+}
+
+/// If this fails, `server.pin_workers` does not reach the HTTP worker
+/// threads of the real binary (or breaks them): two workers may still queue
+/// on one CPU while the other idles.
+#[tokio::test]
+async fn pinned_workers_each_keep_to_their_own_cpu_and_serve() {
+    let cpus = std::thread::available_parallelism().unwrap().get();
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("switchboard.toml");
+    std::fs::write(
+        &config,
+        config_toml(
+            "http://127.0.0.1:9",
+            &dir.path().join("data"),
+            "embedded",
+            "x",
+        ),
+    )
+    .unwrap();
+    let cfg = config.to_str().unwrap();
+    let envs = [
+        ("SWITCHBOARD__SERVER__PIN_WORKERS", "true".to_string()),
+        ("SWITCHBOARD__SERVER__WORKERS", "2".to_string()),
+    ];
+    let p = Proc::start(&["serve", "--config", cfg], &envs, dir.path()).await;
+    let api = Api::new(&p.url);
+    let (s, body) = api
+        .sms(&sms_channel(), "+14158675309", "pinned", "SMpin1")
+        .await
+        .unwrap();
+    assert_eq!((s, body.as_str()), (200, TWIML));
+    let workers = thread_cpus(&p.pid(), "actix-server wo");
+    assert_eq!(workers.len(), 2, "{workers:?}");
+    for (name, allowed) in &workers {
+        assert!(
+            allowed.parse::<usize>().is_ok(),
+            "{name} may run on {allowed}, not on one CPU"
+        );
+    }
+    if cpus >= 2 {
+        assert_ne!(workers[0].1, workers[1].1, "both workers on one CPU");
+    }
+    // Without the setting, workers run anywhere.
+    drop(p);
+    let p = Proc::start(&["serve", "--config", cfg], &[], dir.path()).await;
+    let free = thread_cpus(&p.pid(), "actix-server wo");
+    if cpus >= 2 {
+        assert!(
+            free.iter().all(|(_, a)| a.parse::<usize>().is_err()),
+            "{free:?}"
+        );
+    }
+    assert_eq!(
+        stored_inbound_sids(&Api::new(&p.url)).await,
+        vec!["SMpin1".to_string()]
+    );
+}
+
 /// Opens anne's SSE stream and forwards each frame; returns once the
 /// stream's `: connected` comment arrived.
 async fn open_sse(api: &Api) -> tokio::sync::mpsc::UnboundedReceiver<String> {
