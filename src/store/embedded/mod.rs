@@ -191,12 +191,27 @@ impl EmbeddedStore {
         Ok(())
     }
 
-    async fn write(&self, ops: Vec<Op>, events: Vec<Event>) -> StoreResult<()> {
+    /// Queues `ops` for the log. Callers hold the state lock while they
+    /// apply the ops to the mirror and queue them, so that the log takes
+    /// changes in the order they were applied: a later change to a record
+    /// never comes before an earlier one (which replay, and the
+    /// checkpointer, would otherwise let win).
+    fn queue(&self, ops: Vec<Op>, events: Vec<Event>) -> StoreResult<Durable> {
         let (done, wait) = oneshot::channel();
         self.writer
             .send(WriteRequest { ops, events, done })
             .map_err(|_| unavailable("the writer has stopped"))?;
-        wait.await
+        Ok(Durable(wait))
+    }
+}
+
+/// A queued write, until the log has made it durable.
+struct Durable(oneshot::Receiver<Result<(), String>>);
+
+impl Durable {
+    async fn wait(self) -> StoreResult<()> {
+        self.0
+            .await
             .map_err(|_| unavailable("the writer has stopped"))?
             .map_err(unavailable)
     }
@@ -244,10 +259,15 @@ fn migrate_inline_messages(db: &Database, keys: &mut wal::MessageKeys) -> anyhow
     }
     let mut pending = wal::Pending::default();
     for mut i in inline {
-        let mut ops = vec![];
-        interaction_ops(&mut ops, None, &mut i);
-        // A message row already there is newer than the inline copy.
-        ops.retain(|op| !matches!(op, Op::Message(k, n, _) if keys.contains(*k, *n)));
+        let case = i.case_number;
+        let messages = std::mem::take(&mut i.messages);
+        let mut ops = vec![Op::Interaction(case, json(&i))];
+        for (index, m) in messages.iter().enumerate() {
+            // A message row already there is newer than the inline copy.
+            if !keys.contains(case, index as u32) {
+                ops.push(Op::Message(case, index as u32, json(&**m)));
+            }
+        }
         pending.add(ops);
     }
     // Durable, recording the same checkpoint as before.
@@ -510,28 +530,98 @@ fn json<T: serde::Serialize>(v: &T) -> Vec<u8> {
     serde_json::to_vec(v).expect("records always serialize")
 }
 
-/// The ops that store `new`: its header, and each message that differs from
-/// the stored version `old`.
-fn interaction_ops(ops: &mut Vec<Op>, old: Option<&Interaction>, new: &mut Interaction) {
-    let messages = std::mem::take(&mut new.messages);
-    ops.push(Op::Interaction(new.case_number, json(new)));
-    let old = old.map(|o| o.messages.as_slice()).unwrap_or_default();
-    for (index, m) in messages.iter().enumerate() {
-        // A message that was not touched is the same allocation as the stored one.
-        let same = old.get(index).is_some_and(|o| Arc::ptr_eq(o, m) || o == m);
-        if !same {
-            ops.push(Op::Message(new.case_number, index as u32, json(m)));
+/// An interaction as the commit will store it, serialized before the state
+/// lock is taken: its header (the JSON without messages) and each message
+/// no other copy shares (a new or changed one).
+struct Prepared {
+    interaction: Interaction,
+    /// The version the stored interaction must have.
+    expected: u64,
+    header: Vec<u8>,
+    fresh: Vec<Option<Vec<u8>>>,
+}
+
+impl Prepared {
+    fn new(mut i: Interaction) -> Prepared {
+        let expected = i.version;
+        i.version += 1;
+        let messages = std::mem::take(&mut i.messages);
+        let header = json(&i);
+        i.messages = messages;
+        let fresh = i
+            .messages
+            .iter()
+            .map(|m| (Arc::strong_count(m) == 1).then(|| json(&**m)))
+            .collect();
+        Prepared {
+            interaction: i,
+            expected,
+            header,
+            fresh,
         }
     }
-    new.messages = messages;
+
+    /// The ops that store it over `old`: the header, and each message that
+    /// differs from the stored one.
+    fn ops(mut self, ops: &mut Vec<Op>, old: Option<&Interaction>) -> Interaction {
+        let case = self.interaction.case_number;
+        ops.push(Op::Interaction(case, self.header));
+        let old = old.map(|o| o.messages.as_slice()).unwrap_or_default();
+        for (index, m) in self.interaction.messages.iter().enumerate() {
+            // A message that was not touched is the same allocation as the stored one.
+            let same = old.get(index).is_some_and(|o| Arc::ptr_eq(o, m) || o == m);
+            if !same {
+                let row = self.fresh[index].take().unwrap_or_else(|| json(&**m));
+                ops.push(Op::Message(case, index as u32, row));
+            }
+        }
+        self.interaction
+    }
+}
+
+/// A stored event's JSON from its draft's JSON: the ID put first, as
+/// serializing the [`Event`] would give, without serializing it again.
+fn event_json(id: &str, draft: &[u8]) -> Vec<u8> {
+    debug_assert!(draft.starts_with(b"{\"") && draft.len() > 2);
+    let mut out = Vec::with_capacity(draft.len() + id.len() + 8);
+    out.extend_from_slice(b"{\"id\":");
+    serde_json::to_writer(&mut out, id).expect("a string serializes");
+    out.push(b',');
+    out.extend_from_slice(&draft[1..]);
+    out
 }
 
 #[async_trait]
 impl Store for EmbeddedStore {
     async fn commit(&self, mut commit: Commit) -> StoreResult<Vec<Event>> {
+        // Serialize first: the other request threads wait on the lock below
+        // only for the checks and the bookkeeping.
+        let contact = commit.contact.take().map(|mut c| {
+            let expected = c.version;
+            let row = (!commit.contact_unchanged).then(|| {
+                c.version += 1;
+                json(&c)
+            });
+            (expected, c, row)
+        });
+        let interaction = commit.interaction.take().map(Prepared::new);
+        let drafts: Vec<_> = commit
+            .events
+            .drain(..)
+            .map(|d| {
+                let row = json(&d);
+                (d, row)
+            })
+            .collect();
         let mut ops = vec![];
+        for job in commit.outbox_add.iter() {
+            ops.push(Op::Outbox(
+                job.id.clone(),
+                json(&OutboxRecord::V1(job.clone())),
+            ));
+        }
         let mut stored_events = vec![];
-        {
+        let durable = {
             let mut st = self.state.lock();
             self.usable()?;
             // Validate everything first: nothing is applied unless all of it holds.
@@ -543,19 +633,19 @@ impl Store for EmbeddedStore {
                     });
                 }
             }
-            if let Some(c) = &commit.contact {
+            if let Some((expected, c, _)) = &contact {
                 let current = st.contacts.get(&c.key).map(|c| c.version).unwrap_or(0);
-                if current != c.version {
+                if current != *expected {
                     return Err(StoreError::Conflict);
                 }
             }
-            if let Some(i) = &commit.interaction {
+            if let Some(p) = &interaction {
                 let current = st
                     .interactions
-                    .get(&i.case_number)
+                    .get(&p.interaction.case_number)
                     .map(|i| i.version)
                     .unwrap_or(0);
-                if current != i.version {
+                if current != p.expected {
                     return Err(StoreError::Conflict);
                 }
             }
@@ -564,23 +654,18 @@ impl Store for EmbeddedStore {
                 ops.push(Op::Claim(claim.key.clone(), claim.value.clone()));
                 st.claims.insert(claim.key, claim.value);
             }
-            if let Some(mut c) = commit.contact.take().filter(|_| !commit.contact_unchanged) {
-                c.version += 1;
-                ops.push(Op::Contact(c.key.clone(), json(&c)));
+            if let Some((_, c, Some(row))) = contact {
+                ops.push(Op::Contact(c.key.clone(), row));
                 st.contact_keys.insert(c.id.clone(), c.key.clone());
                 st.contacts.insert(c.key.clone(), c);
             }
-            if let Some(mut i) = commit.interaction.take() {
-                i.version += 1;
-                st.next_case = st.next_case.max(i.case_number + 1);
-                interaction_ops(&mut ops, st.interactions.get(&i.case_number), &mut i);
-                st.interactions.insert(i.case_number, i);
+            if let Some(p) = interaction {
+                let case = p.interaction.case_number;
+                st.next_case = st.next_case.max(case + 1);
+                let i = p.ops(&mut ops, st.interactions.get(&case));
+                st.interactions.insert(case, i);
             }
             for job in commit.outbox_add.drain(..) {
-                ops.push(Op::Outbox(
-                    job.id.clone(),
-                    json(&OutboxRecord::V1(job.clone())),
-                ));
                 st.outbox.insert(job.id.clone(), job);
             }
             for id in commit.outbox_remove.drain(..) {
@@ -588,7 +673,7 @@ impl Store for EmbeddedStore {
                 st.outbox.remove(&id);
             }
             let now_ms = Utc::now().timestamp_millis() as u64;
-            for draft in commit.events.drain(..) {
+            for (draft, row) in drafts {
                 let (ms, seq) = st.last_event;
                 let id = if now_ms > ms {
                     (now_ms, 0)
@@ -597,7 +682,7 @@ impl Store for EmbeddedStore {
                 };
                 st.last_event = id;
                 let event = Event::from_draft(format!("{}-{}", id.0, id.1), draft);
-                ops.push(Op::Event(id, json(&event)));
+                ops.push(Op::Event(id, event_json(&event.id, &row)));
                 st.events.push_back(event.clone());
                 stored_events.push(event);
             }
@@ -609,15 +694,16 @@ impl Store for EmbeddedStore {
                     ops.push(Op::DropEvent(id));
                 }
             }
-        }
-        // Events go to subscribers after the write; with none listening
-        // (no agent connected, no sink), there is nothing to copy.
-        let publish = if self.events.receiver_count() > 0 {
-            stored_events.clone()
-        } else {
-            vec![]
+            // Events go to subscribers after the write; with none listening
+            // (no agent connected, no sink), there is nothing to copy.
+            let publish = if self.events.receiver_count() > 0 {
+                stored_events.clone()
+            } else {
+                vec![]
+            };
+            self.queue(ops, publish)?
         };
-        self.write(ops, publish).await?;
+        durable.wait().await?;
         Ok(stored_events)
     }
 
@@ -677,12 +763,12 @@ impl Store for EmbeddedStore {
 
     async fn put_note(&self, agent: &str, contact_id: &str, notes: &str) -> StoreResult<()> {
         let key = note_key(agent, contact_id);
-        self.state
-            .lock()
-            .notes
-            .insert(key.clone(), notes.to_string());
-        self.write(vec![Op::Note(key, notes.to_string())], vec![])
-            .await
+        let durable = {
+            let mut st = self.state.lock();
+            st.notes.insert(key.clone(), notes.to_string());
+            self.queue(vec![Op::Note(key, notes.to_string())], vec![])?
+        };
+        durable.wait().await
     }
 
     async fn events_after(&self, after: Option<&str>, limit: usize) -> StoreResult<Vec<Event>> {
@@ -724,15 +810,16 @@ impl Store for EmbeddedStore {
     }
 
     async fn outbox_reschedule(&self, job: &OutboxJob) -> StoreResult<()> {
-        let op = {
+        let row = json(&OutboxRecord::V1(job.clone()));
+        let durable = {
             let mut st = self.state.lock();
             if !st.outbox.contains_key(&job.id) {
                 return Ok(());
             }
             st.outbox.insert(job.id.clone(), job.clone());
-            Op::Outbox(job.id.clone(), json(&OutboxRecord::V1(job.clone())))
+            self.queue(vec![Op::Outbox(job.id.clone(), row)], vec![])?
         };
-        self.write(vec![op], vec![]).await
+        durable.wait().await
     }
 
     async fn outbox_depth(&self) -> StoreResult<u64> {
@@ -776,12 +863,12 @@ impl Store for EmbeddedStore {
     }
 
     async fn kv_set(&self, key: &str, value: &str) -> StoreResult<()> {
-        self.state
-            .lock()
-            .kv
-            .insert(key.to_string(), value.to_string());
-        self.write(vec![Op::Kv(key.to_string(), value.to_string())], vec![])
-            .await
+        let durable = {
+            let mut st = self.state.lock();
+            st.kv.insert(key.to_string(), value.to_string());
+            self.queue(vec![Op::Kv(key.to_string(), value.to_string())], vec![])?
+        };
+        durable.wait().await
     }
 
     async fn try_lease(&self, name: &str, owner: &str, ttl: Duration) -> StoreResult<bool> {
@@ -949,6 +1036,98 @@ mod tests {
 
     fn texts(i: &Interaction) -> Vec<&str> {
         i.messages.iter().map(|m| m.text.as_str()).collect()
+    }
+
+    /// If this fails, the log and redb keep events in another form than
+    /// the one the feed serves, and an event read back after a restart
+    /// differs from the one agents saw.
+    #[test]
+    fn an_event_row_is_the_event_serialized() {
+        let i = case_1001();
+        let draft = crate::domain::EventDraft::new(
+            "message.received",
+            Utc::now(),
+            i.case_number,
+            &i.channel_ref(),
+            &serde_json::json!({"message": {"text": "a \"quoted\" text, ünïcode"}}),
+        );
+        let row = event_json("1733500000000-7", &json(&draft));
+        let event = Event::from_draft("1733500000000-7".into(), draft);
+        assert_eq!(
+            String::from_utf8(row).unwrap(),
+            String::from_utf8(json(&event)).unwrap()
+        );
+    }
+
+    /// If this fails, two commits to one interaction from two threads can
+    /// reach the log in the other order than they were applied: the log,
+    /// redb and a restart then hold an older header (or message) than the
+    /// one every reader saw, and the later change is lost.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_commits_to_one_interaction_reach_the_log_in_the_order_applied() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = EmbeddedStore::open(dir.path(), Duration::from_secs(3600)).unwrap();
+        store
+            .commit(Commit {
+                interaction: Some(case_1001()),
+                ..Commit::default()
+            })
+            .await
+            .unwrap();
+        let writers: Vec<_> = ["a", "b"]
+            .into_iter()
+            .map(|who| {
+                let store = store.clone();
+                tokio::spawn(async move {
+                    let mut done = 0;
+                    while done < 150 {
+                        let mut i = store.interaction(1001).await.unwrap().unwrap();
+                        i.messages.push(message(&format!("{who}{done}")));
+                        i.priority = i.messages.len() as i64;
+                        let commit = Commit {
+                            interaction: Some(i),
+                            ..Commit::default()
+                        };
+                        match store.commit(commit).await {
+                            Ok(_) => done += 1,
+                            Err(StoreError::Conflict) => {}
+                            Err(e) => panic!("{e}"),
+                        }
+                    }
+                })
+            })
+            .collect();
+        for w in writers {
+            w.await.unwrap();
+        }
+        let seen = store.interaction(1001).await.unwrap().unwrap();
+        assert_eq!(seen.messages.len(), 300);
+        // Every version of the header, in log order (the writer has
+        // acknowledged them all, so they are all on disk).
+        let logged: Vec<u64> = wal::recover(&dir.path().join("wal"), 0)
+            .unwrap()
+            .frames
+            .iter()
+            .flatten()
+            .filter_map(|op| match op {
+                Op::Interaction(1001, j) => {
+                    Some(serde_json::from_slice::<Interaction>(j).unwrap().version)
+                }
+                _ => None,
+            })
+            .collect();
+        assert!(logged.len() > 100, "{} versions in the log", logged.len());
+        assert!(
+            logged.windows(2).all(|w| w[0] < w[1]),
+            "header versions out of order in the log: {logged:?}"
+        );
+        drop(store);
+        let store = reopen(dir.path()).await;
+        let stored = store.interaction(1001).await.unwrap().unwrap();
+        assert_eq!(
+            (stored.version, stored.priority, texts(&stored)),
+            (seen.version, seen.priority, texts(&seen))
+        );
     }
 
     /// Messages stored by (case, index), as the previous version did, move
