@@ -71,17 +71,7 @@ async fn crash_with_sigkill_loses_no_acknowledged_webhook() {
     const TASKS: usize = 10;
     const KILL_AFTER: usize = 600;
     let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("switchboard.toml");
-    std::fs::write(
-        &config,
-        config_toml(
-            "http://127.0.0.1:9",
-            &dir.path().join("data"),
-            "embedded",
-            "x",
-        ),
-    )
-    .unwrap();
+    let config = embedded_config(dir.path());
     let cfg = config.to_str().unwrap();
     let mut p = Proc::start(&["serve", "--config", cfg], &[], dir.path()).await;
     let api = Api::new(&p.url);
@@ -217,17 +207,7 @@ async fn crash_with_sigkill_loses_no_acknowledged_webhook() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_drains_and_exits_zero() {
     let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("switchboard.toml");
-    std::fs::write(
-        &config,
-        config_toml(
-            "http://127.0.0.1:9",
-            &dir.path().join("data"),
-            "embedded",
-            "x",
-        ),
-    )
-    .unwrap();
+    let config = embedded_config(dir.path());
     let cfg = config.to_str().unwrap();
     let mut p = Proc::start(&["serve", "--config", cfg], &[], dir.path()).await;
     let api = Api::new(&p.url);
@@ -307,17 +287,7 @@ fn thread_cpus(pid: &str, prefix: &str) -> Vec<(String, String)> {
 async fn pinned_workers_each_keep_to_their_own_cpu_and_serve() {
     let cpus = std::thread::available_parallelism().unwrap().get();
     let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("switchboard.toml");
-    std::fs::write(
-        &config,
-        config_toml(
-            "http://127.0.0.1:9",
-            &dir.path().join("data"),
-            "embedded",
-            "x",
-        ),
-    )
-    .unwrap();
+    let config = embedded_config(dir.path());
     let cfg = config.to_str().unwrap();
     let envs = [
         ("SWITCHBOARD__SERVER__PIN_WORKERS", "true".to_string()),

@@ -91,6 +91,15 @@ from = "+14155550100"
     )
 }
 
+/// Writes an embedded-store configuration (data in `dir/data`, Twilio
+/// unreachable) to `dir/switchboard.toml` and returns its path.
+pub fn embedded_config(dir: &Path) -> std::path::PathBuf {
+    let config = dir.join("switchboard.toml");
+    let text = config_toml("http://127.0.0.1:9", &dir.join("data"), "embedded", "x");
+    std::fs::write(&config, text).unwrap();
+    config
+}
+
 /// The `sms-main` channel as the config above declares it (to sign webhooks).
 pub fn sms_channel() -> switchboard::config::ChannelConfig {
     let text = config_toml(
