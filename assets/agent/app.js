@@ -375,8 +375,25 @@
     renderFiles();
     updateCounter();
   }
-  // A delivery error without the code repeated in front ("21211: Twilio error 21211 …").
-  const deliveryReason = (r) => String(r).replace(/^(\w+): (.*\b\1\b)/s, "$2");
+  // Why a delivery failed: in words for the provider codes agents meet most
+  // (Twilio's and Meta's); the provider's own text stays in brackets, without
+  // the code repeated in front ("21211: Twilio error 21211 …").
+  const DELIVERY_REASONS = {
+    "21610": "fail.optedOut", "21211": "fail.badNumber", "21614": "fail.notMobile",
+    "30003": "fail.unreachable", "30005": "fail.unknownNumber", "30006": "fail.landline",
+    "30007": "fail.filtered", "63016": "fail.window", "131047": "fail.window",
+    "131026": "fail.undeliverable",
+  };
+  function deliveryReason(r) {
+    const text = String(r);
+    const gaveUp = /^gave up after (\d+) attempts: /.exec(text);
+    const rest = gaveUp ? text.slice(gaveUp[0].length) : text;
+    const code = (/^(?:ErrorCode )?(\d+)\b/.exec(rest) || [])[1];
+    const plain = rest.replace(/^(\w+): (.*\b\1\b)/s, "$2");
+    const key = DELIVERY_REASONS[code];
+    const words = key ? `${t(key)} (${plain})` : plain;
+    return gaveUp ? t("fail.gaveUp", { n: gaveUp[1], reason: words }) : words;
+  }
   // Why a media download failed, in words; the technical reason stays in brackets.
   function mediaReason(r) {
     const reason = String(r || "").replace(/^media download failed: /, "");

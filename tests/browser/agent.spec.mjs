@@ -618,7 +618,14 @@ test("two agents work the digital inbox", async (t) => {
       await d.getByRole("button", { name: "Save and send" }).click();
       const msg = anne.locator("#messages .msg.out", { hasText: "Your table is booked" });
       await msg.waitFor({ timeout: T });
-      await msg.getByText("Not delivered: ErrorCode 30003: unreachable handset").waitFor({ timeout: T });
+      await msg.getByText("Not delivered: the phone is off or out of reach (ErrorCode 30003: unreachable handset)").waitFor({ timeout: T });
+      // In Spanish the reason is in Spanish; the provider's own words stay as they came.
+      await anne.getByRole("combobox", { name: "Language" }).selectOption("es");
+      await anne.locator("#messages .msg.out", { hasText: "Your table is booked" })
+        .getByText("No entregado: el teléfono está apagado o fuera de cobertura (ErrorCode 30003: unreachable handset)")
+        .waitFor({ timeout: T });
+      await anne.getByRole("combobox", { name: "Idioma" }).selectOption("en");
+      await msg.getByText("Not delivered: the phone is off or out of reach (ErrorCode 30003: unreachable handset)").waitFor({ timeout: T });
       await msg.locator(".delivery", { hasText: "Failed" }).waitFor();
       assert.match(await msg.getAttribute("class"), /failed/);
       await eventually("Open", async () => (await anne.locator("#thread-status").innerText()) === "Open");
