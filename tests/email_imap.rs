@@ -644,6 +644,21 @@ on_both_stores!(
 /// trusted without checking their certificate.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn imap_over_implicit_tls_checks_the_certificate() {
+    polls_over_tls_only_with_a_trusted_certificate("true", |d| d.tls_port.unwrap()).await;
+}
+
+/// If this breaks, mail servers on port 143 that want STARTTLS cannot be
+/// polled, or the upgrade trusts any certificate (or is skipped, and the
+/// password crosses the network in the clear).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn imap_with_starttls_checks_the_certificate_before_logging_in() {
+    polls_over_tls_only_with_a_trusted_certificate("\"starttls\"", |d| d.port).await;
+}
+
+/// A mailbox on Dovecot with TLS, polled with `imap.tls = tls` on the port
+/// `port_of` gives: refused while the server's CA is unknown, read once it
+/// is trusted, and the login is over TLS.
+async fn polls_over_tls_only_with_a_trusted_certificate(tls: &str, port_of: fn(&Dovecot) -> u16) {
     let dovecot = Dovecot::start_tls();
     let smtp = SmtpServer::start();
     let mut user = dovecot.user().await;
@@ -655,8 +670,8 @@ async fn imap_over_implicit_tls_checks_the_certificate() {
     .await;
     let imap = |ca: &str| {
         format!(
-            r#"{{ host = "127.0.0.1", port = {}, tls = true, username = "{}", password = "{}", mailbox = "{MAILBOX}", poll_seconds = 1{ca} }}"#,
-            dovecot.tls_port.unwrap(),
+            r#"{{ host = "127.0.0.1", port = {}, tls = {tls}, username = "{}", password = "{}", mailbox = "{MAILBOX}", poll_seconds = 1{ca} }}"#,
+            port_of(&dovecot),
             email_support::IMAP_USER,
             email_support::IMAP_PASSWORD,
         )
@@ -682,6 +697,13 @@ async fn imap_over_implicit_tls_checks_the_certificate() {
     assert_eq!(s, 200, "{v}");
     assert_eq!(v["channels"]["mail"], "imap_failing", "{v}");
     drop(app);
+    // (The test's own client logs in without TLS, from 127.0.0.1.)
+    let tls_logins = |log: &str| {
+        log.lines()
+            .filter(|l| l.contains("Login: user=<support>") && l.contains(", TLS,"))
+            .count()
+    };
+    assert_eq!(tls_logins(&dovecot.log()), 0, "{}", dovecot.log());
     // Trusting the server's CA (`ca_file`), it polls over TLS.
     let ca = format!(", ca_file = \"{}\"", dovecot.ca_file().display());
     let app = TestApp::start_with(
@@ -695,11 +717,7 @@ async fn imap_over_implicit_tls_checks_the_certificate() {
     // Dovecot saw our client refuse its certificate, then a login over TLS.
     let log = dovecot.log();
     assert!(log.contains("alert unknown ca"), "{log}");
-    assert!(
-        log.lines()
-            .any(|l| l.contains("Login: user=<support>") && l.contains(", TLS,")),
-        "{log}"
-    );
+    assert!(tls_logins(&log) >= 1, "{log}");
 }
 
 /// If this breaks, two gateway processes on one Redis both poll the same

@@ -59,14 +59,26 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 /// Most quarantine records listed under `email-quarantine:{channel}`.
 const QUARANTINE_LIST_MAX: usize = 1000;
 
+/// How the connection to the IMAP server is secured (`imap.tls`). Both TLS
+/// kinds check the server's certificate against the web PKI roots (and
+/// `imap.ca_file`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ImapTls {
+    /// TLS from the first byte (port 993): `true` or `"tls"`.
+    Implicit,
+    /// A plain connection upgraded with `STARTTLS` before anything else is
+    /// said (port 143): `"starttls"`.
+    StartTls,
+    /// No TLS, for a server on the same host (and tests): `false` or `"none"`.
+    None,
+}
+
 /// `imap = {host, port, tls, username, password, mailbox, poll_seconds}`.
 #[derive(Clone, PartialEq)]
 pub struct ImapSettings {
     pub host: String,
     pub port: u16,
-    /// Implicit TLS (port 993) with the web PKI roots; `false` for plain
-    /// connections (local servers and tests).
-    pub tls: bool,
+    pub tls: ImapTls,
     pub username: String,
     pub password: String,
     pub mailbox: String,
@@ -162,28 +174,27 @@ impl ImapSettings {
                 vec![]
             }
         };
+        const TLS_CHOICES: &str =
+            "use true (implicit TLS, port 993), \"starttls\" (port 143) or false";
         let tls = match t.get("tls") {
-            None | Some(toml::Value::Boolean(true)) => true,
-            Some(toml::Value::Boolean(false)) => false,
+            None | Some(toml::Value::Boolean(true)) => ImapTls::Implicit,
+            Some(toml::Value::Boolean(false)) => ImapTls::None,
             Some(toml::Value::String(s)) => match s.to_ascii_lowercase().as_str() {
-                "tls" | "implicit" | "ssl" => true,
-                "none" | "plain" | "off" => false,
+                "tls" | "implicit" | "ssl" => ImapTls::Implicit,
+                "starttls" => ImapTls::StartTls,
+                "none" | "plain" | "off" => ImapTls::None,
                 other => {
-                    problems.push(format!(
-                        "channel {id}: imap.tls: {other}: use true (implicit TLS, port 993) or false"
-                    ));
-                    true
+                    problems.push(format!("channel {id}: imap.tls: {other}: {TLS_CHOICES}"));
+                    ImapTls::Implicit
                 }
             },
             Some(_) => {
-                problems.push(format!(
-                    "channel {id}: imap.tls: use true (implicit TLS, port 993) or false"
-                ));
-                true
+                problems.push(format!("channel {id}: imap.tls: {TLS_CHOICES}"));
+                ImapTls::Implicit
             }
         };
         let port = match t.get("port") {
-            None => Some(if tls { 993 } else { 143 }),
+            None => Some(if tls == ImapTls::Implicit { 993 } else { 143 }),
             Some(p) => {
                 let port = p
                     .as_integer()
@@ -316,24 +327,48 @@ async fn timed<T, E: std::fmt::Display>(
     }
 }
 
+async fn tls_handshake(
+    s: &ImapSettings,
+    tcp: TcpStream,
+) -> Result<tokio_rustls::client::TlsStream<TcpStream>, String> {
+    let name = rustls::pki_types::ServerName::try_from(s.host.clone())
+        .map_err(|e| format!("imap.host {}: {e}", s.host))?;
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(tls_config(s)?));
+    timed("TLS handshake", connector.connect(name, tcp)).await
+}
+
+/// A client over `stream`, once the server's greeting has been read.
+async fn greeted<T>(stream: T) -> Result<async_imap::Client<T>, String>
+where
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + std::fmt::Debug + Send,
+{
+    let mut client = async_imap::Client::new(stream);
+    match timed("reading the greeting", client.read_response()).await? {
+        Some(_) => Ok(client),
+        None => Err("the server closed the connection before its greeting".into()),
+    }
+}
+
 /// Connects and logs in.
 pub async fn connect(s: &ImapSettings) -> Result<ImapSession, String> {
     let tcp = timed("connecting", TcpStream::connect((s.host.as_str(), s.port))).await?;
-    let stream = if s.tls {
-        let name = rustls::pki_types::ServerName::try_from(s.host.clone())
-            .map_err(|e| format!("imap.host {}: {e}", s.host))?;
-        let connector = tokio_rustls::TlsConnector::from(Arc::new(tls_config(s)?));
-        ImapStream::Tls(Box::new(
-            timed("TLS handshake", connector.connect(name, tcp)).await?,
-        ))
-    } else {
-        ImapStream::Plain(tcp)
+    let client = match s.tls {
+        ImapTls::Implicit => {
+            let tls = tls_handshake(s, tcp).await?;
+            greeted(ImapStream::Tls(Box::new(tls))).await?
+        }
+        ImapTls::None => greeted(ImapStream::Plain(tcp)).await?,
+        ImapTls::StartTls => {
+            let mut plain = greeted(tcp).await?;
+            timed("STARTTLS", plain.run_command_and_check_ok("STARTTLS", None)).await?;
+            // Anything the server sent after its OK stays behind with the
+            // plain client: from here on only the TLS stream is read (no
+            // plaintext injected before the handshake is taken as an answer).
+            let tls = tls_handshake(s, plain.into_inner()).await?;
+            // No greeting follows STARTTLS.
+            async_imap::Client::new(ImapStream::Tls(Box::new(tls)))
+        }
     };
-    let mut client = async_imap::Client::new(stream);
-    match timed("reading the greeting", client.read_response()).await? {
-        Some(_) => {}
-        None => return Err("the server closed the connection before its greeting".into()),
-    }
     match tokio::time::timeout(OP_TIMEOUT, client.login(&s.username, &s.password)).await {
         Ok(Ok(session)) => Ok(session),
         Ok(Err((e, _))) => Err(format!("login as {}: {e}", s.username)),
@@ -816,7 +851,7 @@ mod tests {
         .unwrap();
         assert_eq!(
             (s.port, s.tls, s.mailbox.as_str(), s.poll_seconds),
-            (993, true, "INBOX", 60)
+            (993, ImapTls::Implicit, "INBOX", 60)
         );
         let s = ImapSettings::from_config(&cfg(
             r#"{host = "127.0.0.1", port = 1143, tls = false, username = "u", password = "p", mailbox = "Support", poll_seconds = 1}"#,
@@ -825,12 +860,18 @@ mod tests {
         .unwrap();
         assert_eq!(
             (s.port, s.tls, s.mailbox.as_str()),
-            (1143, false, "Support")
+            (1143, ImapTls::None, "Support")
         );
+        let s = ImapSettings::from_config(&cfg(
+            r#"{host = "imap.example.com", tls = "starttls", username = "u", password = "p"}"#,
+        ))
+        .unwrap()
+        .unwrap();
+        assert_eq!((s.port, s.tls), (143, ImapTls::StartTls));
         assert!(!format!("{s:?}").contains("\"p\""), "no password in logs");
 
         let p = ImapSettings::from_config(&cfg(
-            r#"{port = 70000, tls = "starttls", poll_seconds = 0, folder = "x", ca_file = "/nonexistent/ca.pem"}"#,
+            r#"{port = 70000, tls = "maybe", poll_seconds = 0, folder = "x", ca_file = "/nonexistent/ca.pem"}"#,
         ))
         .unwrap_err();
         for want in [
@@ -838,7 +879,7 @@ mod tests {
             "imap.username: missing",
             "imap.password: missing",
             "imap.port: not a port number",
-            "imap.tls: starttls",
+            "imap.tls: maybe: use true (implicit TLS, port 993), \"starttls\" (port 143) or false",
             "imap.poll_seconds",
             "imap.folder: unknown key",
             "imap.ca_file: cannot read /nonexistent/ca.pem",
