@@ -668,11 +668,9 @@ impl Gateway {
                 ..Commit::default()
             };
             if changed {
-                commit.events = vec![crate::domain::EventDraft::new(
+                commit.events = vec![i.event(
                     "message.updated",
                     Utc::now(),
-                    case,
-                    &i.channel_ref(),
                     &serde_json::json!({"message": snapshot}),
                 )];
                 commit.interaction = Some(i);
@@ -733,11 +731,9 @@ impl Gateway {
                 return Err(Refusal::NotAssigned.into());
             }
         }
-        let event = crate::domain::EventDraft::new(
+        let event = i.event(
             "interaction.typing",
             Utc::now(),
-            case,
-            &i.channel_ref(),
             &serde_json::json!({"who": "agent", "agent": actor.id(), "state": if on { "on" } else { "off" }}),
         );
         self.store
@@ -1289,13 +1285,7 @@ impl Gateway {
                     _ => i.related_case = v.clone(),
                 }
             }
-            let ev = crate::domain::EventDraft::new(
-                "interaction.updated",
-                now,
-                i.case_number,
-                &i.channel_ref(),
-                &patch,
-            );
+            let ev = i.event("interaction.updated", now, &patch);
             Ok((vec![ev], Commit::default()))
         })
         .await

@@ -415,7 +415,8 @@ impl Interaction {
         }
     }
 
-    fn event(&self, kind: &str, at: DateTime<Utc>, data: &impl Serialize) -> EventDraft {
+    /// An event about this interaction: its case number and channel, `data`.
+    pub fn event(&self, kind: &str, at: DateTime<Utc>, data: &impl Serialize) -> EventDraft {
         EventDraft::new(kind, at, self.case_number, &self.channel_ref(), data)
     }
 
