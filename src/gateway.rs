@@ -219,6 +219,19 @@ impl Gateway {
         Ok(outcome)
     }
 
+    /// Puts a file in the attachment store and counts it (see
+    /// [`Metrics::file_stored`] for the sources).
+    pub async fn put_file(
+        &self,
+        source: &'static str,
+        id: &str,
+        bytes: &[u8],
+    ) -> crate::store::StoreResult<()> {
+        self.store.put_blob(id, bytes).await?;
+        self.metrics.file_stored(source, bytes.len());
+        Ok(())
+    }
+
     /// Downloads one provider media item into the blob store, within `budget`.
     async fn fetch_media(
         &self,
@@ -248,7 +261,7 @@ impl Gateway {
                     .filename
                     .clone()
                     .unwrap_or_else(|| media::filename_for(fallback_name, &file.content_type));
-                match self.store.put_blob(&id, &file.bytes).await {
+                match self.put_file("inbound", &id, &file.bytes).await {
                     Ok(()) => Ok(Attachment {
                         id: id.clone(),
                         filename,
@@ -317,7 +330,7 @@ impl Gateway {
                     ));
                 }
                 None => {
-                    self.store.put_blob(&a.id, &f.bytes).await?;
+                    self.put_file("inbound", &a.id, &f.bytes).await?;
                     if let (Some(h), Some(cid)) = (html.as_mut(), &f.content_id) {
                         *h = crate::adapters::email::parse::link_inline(
                             h,
@@ -332,7 +345,7 @@ impl Gateway {
         let raw = match &m.raw {
             Some(bytes) => {
                 let id = new_id();
-                self.store.put_blob(&id, bytes).await?;
+                self.put_file("raw_email", &id, bytes).await?;
                 Some(Attachment {
                     id,
                     filename: "message.eml".into(),
@@ -414,6 +427,19 @@ impl Gateway {
         Ok(fresh)
     }
 
+    /// A customer message's files, put in the attachment store: the
+    /// provider's media, an email's attachments and the email as received,
+    /// and its HTML body with inline images linked to them.
+    async fn receive_files(
+        &self,
+        ch: &ChannelRuntime,
+        m: &InboundMessage,
+    ) -> GResult<(Vec<Attachment>, Option<Attachment>, Option<String>)> {
+        let mut attachments = self.download_media(ch, m).await;
+        let (raw, html) = self.store_carried(m, &mut attachments).await?;
+        Ok((attachments, raw, html))
+    }
+
     /// Stores one customer message; false when it was a duplicate.
     async fn receive_message(
         &self,
@@ -428,8 +454,14 @@ impl Gateway {
         if self.store.lookup(&claim_key).await?.is_some() {
             return Ok(false);
         }
-        let mut attachments = self.download_media(ch, &m).await;
-        let (raw, html) = self.store_carried(&m, &mut attachments).await?;
+        // Files are stored before the commit that refers to them; an
+        // auto-reply's only once it is known to be kept (below), so that one
+        // that is dropped leaves nothing behind.
+        let mut files = if m.automatic {
+            None
+        } else {
+            Some(self.receive_files(ch, &m).await?)
+        };
         let aliases: Vec<DigitalId> = m
             .aliases
             .iter()
@@ -515,6 +547,10 @@ impl Gateway {
                     continue;
                 }
             }
+            let (attachments, raw, html) = match &files {
+                Some(f) => f.clone(),
+                None => files.insert(self.receive_files(ch, &m).await?).clone(),
+            };
             let (mut interaction, created) = match existing {
                 Some(i) if !i.is_closed_for_new_messages(now, self.new_interaction_after()) => {
                     (i, false)
@@ -1377,7 +1413,7 @@ impl Gateway {
         let mut out = vec![];
         for u in uploads {
             let id = new_id();
-            self.store.put_blob(&id, &u.bytes).await?;
+            self.put_file("agent", &id, &u.bytes).await?;
             out.push(Attachment {
                 id,
                 filename: u.filename.clone(),

@@ -18,6 +18,8 @@ pub struct Metrics {
     channels_unhealthy: prometheus::IntGaugeVec,
     email_quarantined: IntCounterVec,
     imap_errors: prometheus::IntCounter,
+    files_stored: IntCounterVec,
+    file_bytes_stored: IntCounterVec,
 }
 
 impl Default for Metrics {
@@ -93,6 +95,22 @@ impl Metrics {
             "IMAP connections or sessions that failed (the poller reconnects with backoff)",
         )
         .expect("valid metric");
+        let files_stored = IntCounterVec::new(
+            Opts::new(
+                "switchboard_files_stored_total",
+                "Files put in the attachment store, by source (inbound, raw_email, agent, chat_visitor, quarantine)",
+            ),
+            &["source"],
+        )
+        .expect("valid metric");
+        let file_bytes_stored = IntCounterVec::new(
+            Opts::new(
+                "switchboard_file_bytes_stored_total",
+                "Bytes put in the attachment store, by source (as switchboard_files_stored_total)",
+            ),
+            &["source"],
+        )
+        .expect("valid metric");
         let outbox_depth =
             IntGauge::new("switchboard_outbox_depth", "Replies waiting in the outbox")
                 .expect("valid metric");
@@ -102,6 +120,8 @@ impl Metrics {
             &deduplicated,
             &deliveries,
             &email_quarantined,
+            &files_stored,
+            &file_bytes_stored,
         ] {
             registry
                 .register(Box::new(c.clone()))
@@ -130,6 +150,8 @@ impl Metrics {
             channels_unhealthy,
             email_quarantined,
             imap_errors,
+            files_stored,
+            file_bytes_stored,
         }
     }
 
@@ -139,6 +161,17 @@ impl Metrics {
     }
     pub fn imap_error(&self) {
         self.imap_errors.inc();
+    }
+
+    /// A file put in the attachment store. `source`: `inbound` (a
+    /// customer's media or email attachment), `raw_email` (a message kept as
+    /// received), `agent` (a reply's attachment), `chat_visitor` (a web chat
+    /// upload) or `quarantine` (mail that could not be stored).
+    pub fn file_stored(&self, source: &'static str, bytes: usize) {
+        self.files_stored.with_label_values(&[source]).inc();
+        self.file_bytes_stored
+            .with_label_values(&[source])
+            .inc_by(bytes as u64);
     }
 
     pub fn webhook_received(&self, kind: ChannelKind) {

@@ -505,11 +505,96 @@ async fn formatted_email_goes_out_as_text_and_sanitized_html(b: Backend) {
     );
 }
 
+/// One series of a counter in `/metrics` (0 before its first increment).
+async fn counter(app: &TestApp, series: &str) -> u64 {
+    let text = app.metrics().await;
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+        .map(|v| v.trim().parse::<f64>().unwrap() as u64)
+        .unwrap_or(0)
+}
+
+const RAW_STORED: &str = r#"switchboard_files_stored_total{source="raw_email"}"#;
+const INBOUND_STORED: &str = r#"switchboard_files_stored_total{source="inbound"}"#;
+
+/// An out-of-office answer with an attachment, to no thread of ours.
+const AWAY_WITH_FILE: &str = "From: Lou <lou@example.org>\r\nTo: support@shop.example\r\nSubject: Automatic reply: your order\r\nMessage-ID: <ooo-lou-1@mail.example.org>\r\nAuto-Submitted: auto-replied\r\nMIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=\"b1\"\r\n\r\n--b1\r\nContent-Type: text/plain\r\n\r\nI am away until Monday.\r\n--b1\r\nContent-Type: application/pdf; name=\"away.pdf\"\r\nContent-Disposition: attachment; filename=\"away.pdf\"\r\nContent-Transfer-Encoding: base64\r\n\r\nJVBERi0xLjQK\r\n--b1--\r\n";
+
+/// If this breaks, out-of-office answers to our replies pile up on the
+/// queue as new work (or reopen what agents resolved), or every dropped
+/// one leaves its files in the attachment store for nothing.
+async fn auto_replies_never_open_or_reopen_an_interaction(b: Backend) {
+    let smtp = SmtpServer::start();
+    let app = start(b, &smtp).await;
+
+    // From someone with no interaction: accepted, dropped, nothing stored.
+    let (s, body) = post_mail(&app, AWAY_WITH_FILE.as_bytes(), 0).await;
+    assert_eq!(s, 200, "{body}");
+    let (s, v) = app.get(ANNE, "/api/v1/interactions?view=all").await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(v["items"].as_array().unwrap().len(), 0, "{v}");
+    assert_eq!(counter(&app, RAW_STORED).await, 0);
+    assert_eq!(counter(&app, INBOUND_STORED).await, 0);
+    // Its retry is a duplicate like any other.
+    let (s, body) = post_mail(&app, AWAY_WITH_FILE.as_bytes(), 0).await;
+    assert_eq!(s, 200, "{body}");
+    assert!(
+        app.metrics()
+            .await
+            .contains(r#"switchboard_webhooks_deduplicated_total{kind="email"} 1"#),
+        "{}",
+        app.metrics().await
+    );
+
+    // Renée's case, answered by anne and so resolved: her out-of-office
+    // answer to it neither reopens it nor is filed in it.
+    let case = answer_a_customer(&app, json!({"text": "Votre colis part aujourd'hui"})).await;
+    app.deliver().await;
+    let before = app.interaction(case).await;
+    assert_eq!(before["status"], "resolved", "{before}");
+    let raw_before = counter(&app, RAW_STORED).await;
+    assert_eq!(raw_before, 1, "the customer's mail is kept as received");
+    let (s, body) = post_mail(&app, &fixture("auto_reply.eml"), 0).await;
+    assert_eq!(s, 200, "{body}");
+    let after = app.interaction(case).await;
+    assert_eq!(after["status"], "resolved", "{after}");
+    assert_eq!(messages(&after).len(), messages(&before).len(), "{after}");
+    assert_eq!(counter(&app, RAW_STORED).await, raw_before);
+    app.only_case().await;
+    assert!(
+        !app.events()
+            .await
+            .iter()
+            .any(|e| e["type"] == "interaction.reopened"),
+        "an auto-reply reopened the case"
+    );
+
+    // She writes herself: the case is back on the queue. An auto-reply
+    // arriving while it waits there is part of the conversation, files and all.
+    let again = "From: Renee <renee@example.com>\r\nTo: support@shop.example\r\nSubject: Re: Commande\r\nMessage-ID: <again-1@mail.example.com>\r\nIn-Reply-To: <utf8-1@mail.example.com>\r\n\r\nToujours rien\r\n";
+    let (s, body) = post_mail(&app, again.as_bytes(), 0).await;
+    assert_eq!(s, 200, "{body}");
+    assert_eq!(app.interaction(case).await["status"], "open");
+    let away = fixture("auto_reply.eml");
+    let away = String::from_utf8(away)
+        .unwrap()
+        .replace("<ooo-1@mail.example.com>", "<ooo-2@mail.example.com>");
+    let (s, body) = post_mail(&app, away.as_bytes(), 0).await;
+    assert_eq!(s, 200, "{body}");
+    let i = app.interaction(case).await;
+    let last = messages(&i).last().unwrap();
+    assert_eq!(last["text"], "I am away until Monday.", "{i}");
+    assert_eq!(last["kind"], "auto_reply", "{last}");
+    assert!(last["raw"]["id"].is_string(), "{last}");
+    assert_eq!(counter(&app, RAW_STORED).await, raw_before + 2);
+}
+
 on_both_stores!(
     http_intake_verifies_and_dedupes,
     reply_goes_out_over_smtp_with_threading_headers,
     smtp_5xx_fails_and_4xx_retries,
     formatted_email_goes_out_as_text_and_sanitized_html,
+    auto_replies_never_open_or_reopen_an_interaction,
 );
 
 // SMTP transport security does not depend on the store: embedded only.

@@ -496,7 +496,7 @@ pub async fn store_upload(
         size: bytes.len() as u64,
         created_at: Utc::now(),
     };
-    g.store.put_blob(&upload.id, bytes).await?;
+    g.put_file("chat_visitor", &upload.id, bytes).await?;
     g.store
         .kv_set(
             &upload_key(&upload.id),

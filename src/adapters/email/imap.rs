@@ -779,8 +779,8 @@ impl Poller {
         let blob = match raw {
             Some(bytes) => {
                 let id = new_id();
-                store
-                    .put_blob(&id, bytes)
+                self.gateway
+                    .put_file("quarantine", &id, bytes)
                     .await
                     .map_err(|e| e.to_string())?;
                 Some(id)
