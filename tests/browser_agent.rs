@@ -55,9 +55,11 @@ fn token_of(settings: &switchboard::config::Settings, agent: &str) -> String {
 /// for both, the one who clicks gets it, replies with an attachment, ends it
 /// with a disposition; notes stay private; set as resolved, transfer, switch,
 /// outbound SMS and email (through the demo's SMTP sink) only for the right
-/// agent; an HTML email shown formatted and safe, with its inline image; failed deliveries and failed attachment downloads (the sandbox
-/// failing on purpose) shown in words, with the download tried again; the
-/// Spanish interface.
+/// agent; an HTML email shown formatted and safe, with its inline image;
+/// failed deliveries and failed attachment downloads (the sandbox failing on
+/// purpose) shown in words, with the download tried again; the Spanish
+/// interface; "Reconnecting…" while the live-update stream is cut, and the
+/// list caught up once it is back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_agent_inbox_works_in_a_real_browser() {
     if std::env::var("SWITCHBOARD_SKIP_BROWSER").as_deref() == Ok("1") {

@@ -715,6 +715,41 @@ test("two agents work the digital inbox", async (t) => {
       }
     });
 
+    await t.test("live updates cut: \"Reconnecting…\" is shown, and the list catches up once they are back", async () => {
+      const R = await newAgentPage(browser);
+      try {
+        const page = R.page;
+        // The live-update stream fails as a dropped network does; the
+        // browser keeps retrying it by itself.
+        let cut = true;
+        let refused = 0;
+        await page.route("**/api/v1/events", (route) => {
+          if (!cut) return route.continue();
+          refused += 1;
+          return route.abort("internetdisconnected");
+        });
+        await signIn(page, "anne");
+        const banner = page.locator("#conn");
+        await banner.getByText("Reconnecting…").waitFor({ timeout: T });
+        assert.equal(await banner.getAttribute("role"), "status");
+        await shot(page, "agent-reconnecting.png");
+        const missed = `Written while the page was offline ${stamp}`;
+        await simulate("sms-main", missed, "+14155550177");
+        // Nothing tells the page meanwhile: it waits, and says why.
+        await page.waitForTimeout(1000);
+        assert.equal(await rowFor(page, missed).count(), 0, "no live update without the stream");
+        assert.ok(await banner.isVisible());
+        cut = false;
+        // The browser's next try goes through: the banner goes and the list catches up.
+        await rowFor(page, missed).waitFor({ timeout: T });
+        await banner.waitFor({ state: "hidden", timeout: T });
+        assert.ok(refused >= 1, `the stream was refused ${refused} times`);
+        assert.deepEqual(R.problems.filter((p) => !p.includes("/api/v1/events")), []);
+      } finally {
+        await R.context.close();
+      }
+    });
+
     await t.test("readable on a phone", async () => {
       await bob.setViewportSize({ width: 390, height: 844 });
       await rowFor(bob, `Hello, I need help ${stamp}`).waitFor({ timeout: T }).catch(() => {});
