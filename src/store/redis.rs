@@ -60,15 +60,22 @@ const FOLLOW_BATCH: usize = 512;
 /// store answers `Unavailable` (and the HTTP edge 503).
 const POOL_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// The commit, checked then applied. `ARGV[1]` is the commit as JSON (built
-/// by [`RedisStore::commit`]); every string that Redis parses as a number
-/// (versions, scores, case numbers) travels as a string, because Lua numbers
-/// lose digits when passed back to `redis.call`.
+/// The commit, checked then applied. `ARGV[1]` is the commit's plan as JSON
+/// ([`CommitPlan`], built by [`RedisStore::commit`]); the documents it
+/// stores follow as arguments of their own, so that Redis stores them
+/// without decoding them: `ARGV[2]` the interaction's JSON, `ARGV[3]` the
+/// contact's, then each event's and each outbox job's, in the plan's order.
+/// Every string that Redis parses as a number (versions, scores, case
+/// numbers) travels as a string, because Lua numbers lose digits when passed
+/// back to `redis.call`.
 ///
 /// Returns `{'ok', id...}` with the new event IDs, `{'duplicate', key,
 /// value}` or `{'conflict'}`; in the last two cases nothing was written.
 const COMMIT_LUA: &str = r#"
 local c = cjson.decode(ARGV[1])
+local interaction_json, contact_json = ARGV[2], ARGV[3]
+-- ARGV[4 ..]: the events' JSON, then the outbox jobs'.
+local first_job = 4 + c.events
 
 -- 1. Check everything. Nothing below this block runs unless all of it holds.
 for _, cl in ipairs(c.claims) do
@@ -87,7 +94,7 @@ end
 -- 2. Events first: XADD is the only write that could fail (an ID not above
 -- the stream's last one), and it fails before anything else is written.
 local ids = {}
-if #c.events > 0 then
+if c.events > 0 then
   local t = redis.call('TIME')
   local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
   local last_ms, last_seq = 0, 0
@@ -110,7 +117,8 @@ if #c.events > 0 then
   end
   consider(redis.call('GET', c.stream_last))
   local id
-  for n, body in ipairs(c.events) do
+  for n = 1, c.events do
+    local body = ARGV[3 + n]
     id = advance()
     -- The event JSON arrives without its ID (only known now): splice it in.
     local added = redis.pcall('XADD', c.stream, id, 'event', '{"id":"' .. id .. '",' .. string.sub(body, 2))
@@ -139,7 +147,7 @@ end
 for _, cl in ipairs(c.claims) do redis.call('SET', cl[2], cl[3]) end
 for _, ix in ipairs(c.index) do redis.call('SET', ix[1], ix[2]) end
 if c.contact and c.contact.write then
-  redis.call('HSET', c.contact.key, 'v', c.contact.next, 'json', c.contact.json)
+  redis.call('HSET', c.contact.key, 'v', c.contact.next, 'json', contact_json)
   redis.call('SET', c.contact.id_key, c.contact.domain_key)
 end
 if c.interaction then
@@ -150,13 +158,13 @@ if c.interaction then
   if old_a and old_a ~= '' and old_a ~= it.akey then redis.call('SREM', old_a, it.case) end
   redis.call('SADD', it.qkey, it.case)
   if it.akey ~= '' then redis.call('SADD', it.akey, it.case) end
-  redis.call('HSET', it.key, 'v', it.next, 'json', it.json, 'qkey', it.qkey, 'akey', it.akey)
+  redis.call('HSET', it.key, 'v', it.next, 'json', interaction_json, 'qkey', it.qkey, 'akey', it.akey)
   -- Keep the case counter past every stored case (as the embedded store does).
   local counter = tonumber(redis.call('GET', c.case_counter) or c.case_start)
   if tonumber(it.case) > counter then redis.call('SET', c.case_counter, it.case) end
 end
-for _, job in ipairs(c.outbox_add) do
-  redis.call('HSET', c.outbox_jobs, job[1], job[3])
+for n, job in ipairs(c.outbox_add) do
+  redis.call('HSET', c.outbox_jobs, job[1], ARGV[first_job + n - 1])
   redis.call('ZADD', c.outbox_due, job[2], job[1])
 end
 for _, id in ipairs(c.outbox_remove) do
@@ -332,6 +340,52 @@ pub struct RedisStore {
 
 fn unavailable(e: impl std::fmt::Display) -> StoreError {
     StoreError::Unavailable(e.to_string())
+}
+
+/// What [`COMMIT_LUA`] checks and writes, without the documents it stores
+/// (those follow as arguments of their own).
+#[derive(serde::Serialize)]
+struct CommitPlan<'a> {
+    /// `[claim key, Redis key, value]`.
+    claims: Vec<[String; 3]>,
+    /// `[Redis key, value]`.
+    index: Vec<[String; 2]>,
+    /// How many event documents follow.
+    events: usize,
+    stream: String,
+    stream_last: String,
+    retention_ms: String,
+    case_counter: String,
+    case_start: String,
+    outbox_due: String,
+    outbox_jobs: String,
+    /// `[job ID, due score]`, their documents after the events'.
+    outbox_add: Vec<[String; 2]>,
+    outbox_remove: &'a [String],
+    #[serde(skip_serializing_if = "Option::is_none")]
+    contact: Option<ContactPlan<'a>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    interaction: Option<InteractionPlan>,
+}
+
+#[derive(serde::Serialize)]
+struct ContactPlan<'a> {
+    key: String,
+    expect: String,
+    next: String,
+    id_key: String,
+    domain_key: &'a str,
+    write: bool,
+}
+
+#[derive(serde::Serialize)]
+struct InteractionPlan {
+    key: String,
+    case: String,
+    expect: String,
+    next: String,
+    qkey: String,
+    akey: String,
 }
 
 fn json<T: serde::Serialize>(v: &T) -> String {
@@ -563,67 +617,87 @@ async fn follow(
 impl Store for RedisStore {
     async fn commit(&self, commit: Commit) -> StoreResult<Vec<Event>> {
         let k = &self.keys;
-        let mut payload = serde_json::json!({
-            "claims": commit
-                .claims
-                .iter()
-                .map(|c| [c.key.clone(), k.claim(&c.key), c.value.clone()])
-                .collect::<Vec<_>>(),
-            "index": commit
-                .index
-                .iter()
-                .map(|c| [k.claim(&c.key), c.value.clone()])
-                .collect::<Vec<_>>(),
-            "events": commit.events.iter().map(json).collect::<Vec<_>>(),
-            "stream": k.routing(),
-            "stream_last": k.routing_last(),
-            "retention_ms": self.retention_ms.to_string(),
-            "case_counter": k.case_counter(),
-            "case_start": CASE_COUNTER_START.to_string(),
-            "outbox_due": k.outbox_due(),
-            "outbox_jobs": k.outbox_jobs(),
-            "outbox_add": commit
+        let claims: Vec<_> = commit
+            .claims
+            .iter()
+            .map(|c| [c.key.as_str(), &k.claim(&c.key), c.value.as_str()].map(str::to_owned))
+            .collect();
+        let index: Vec<_> = commit
+            .index
+            .iter()
+            .map(|c| [k.claim(&c.key), c.value.clone()])
+            .collect();
+        let mut plan = CommitPlan {
+            claims,
+            index,
+            events: commit.events.len(),
+            stream: k.routing(),
+            stream_last: k.routing_last(),
+            retention_ms: self.retention_ms.to_string(),
+            case_counter: k.case_counter(),
+            case_start: CASE_COUNTER_START.to_string(),
+            outbox_due: k.outbox_due(),
+            outbox_jobs: k.outbox_jobs(),
+            outbox_add: commit
                 .outbox_add
                 .iter()
-                .map(|j| [j.id.clone(), score(j.due_at), json(&OutboxRecord::V1(j.clone()))])
-                .collect::<Vec<_>>(),
-            "outbox_remove": commit.outbox_remove,
-        });
+                .map(|j| [j.id.clone(), score(j.due_at)])
+                .collect(),
+            outbox_remove: &commit.outbox_remove,
+            contact: None,
+            interaction: None,
+        };
+        let mut contact_json = String::new();
         if let Some(c) = &commit.contact {
-            let stored = Contact {
-                version: c.version + 1,
-                ..c.clone()
-            };
-            payload["contact"] = serde_json::json!({
-                "key": k.contact(&c.key),
-                "expect": c.version.to_string(),
-                "next": stored.version.to_string(),
-                "json": if commit.contact_unchanged { String::new() } else { json(&stored) },
-                "id_key": k.contact_id(&c.id),
-                "domain_key": c.key,
-                "write": !commit.contact_unchanged,
+            let next = c.version + 1;
+            if !commit.contact_unchanged {
+                contact_json = json(&Contact {
+                    version: next,
+                    ..c.clone()
+                });
+            }
+            plan.contact = Some(ContactPlan {
+                key: k.contact(&c.key),
+                expect: c.version.to_string(),
+                next: next.to_string(),
+                id_key: k.contact_id(&c.id),
+                domain_key: &c.key,
+                write: !commit.contact_unchanged,
             });
         }
+        let mut interaction_json = String::new();
         if let Some(i) = &commit.interaction {
-            let stored = Interaction {
-                version: i.version + 1,
+            let next = i.version + 1;
+            interaction_json = json(&Interaction {
+                version: next,
                 ..i.clone()
-            };
-            payload["interaction"] = serde_json::json!({
-                "key": k.interaction(i.case_number),
-                "case": i.case_number.to_string(),
-                "expect": i.version.to_string(),
-                "next": stored.version.to_string(),
-                "json": json(&stored),
-                "qkey": k.queue(&i.queue),
-                "akey": i.assigned_to.as_deref().map(|a| k.assigned(a)).unwrap_or_default(),
             });
+            plan.interaction = Some(InteractionPlan {
+                key: k.interaction(i.case_number),
+                case: i.case_number.to_string(),
+                expect: i.version.to_string(),
+                next: next.to_string(),
+                qkey: k.queue(&i.queue),
+                akey: i
+                    .assigned_to
+                    .as_deref()
+                    .map(|a| k.assigned(a))
+                    .unwrap_or_default(),
+            });
+        }
+        let mut invocation = self.scripts.commit.prepare_invoke();
+        invocation
+            .arg(json(&plan))
+            .arg(interaction_json)
+            .arg(contact_json);
+        for e in &commit.events {
+            invocation.arg(json(e));
+        }
+        for j in &commit.outbox_add {
+            invocation.arg(json(&OutboxRecord::V1(j.clone())));
         }
         let mut conn = self.conn().await?;
-        let reply: Vec<String> = self
-            .scripts
-            .commit
-            .arg(payload.to_string())
+        let reply: Vec<String> = invocation
             .invoke_async(&mut conn)
             .await
             .map_err(unavailable)?;
