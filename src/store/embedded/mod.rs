@@ -135,10 +135,11 @@ impl EmbeddedStore {
         }
         let checkpointed = checkpointed(&db)?;
         migrate_message_keys(&db)?;
-        let mut keys = wal::MessageKeys::load(&db)?;
         let recovered = wal::recover(&dir.join("wal"), checkpointed)?;
         let mut next_seq = checkpointed + 1;
         if let Some(last) = recovered.last_seq {
+            // Only a replay needs the message keys before everything is read.
+            let mut keys = wal::MessageKeys::load(&db)?;
             let mut pending = wal::Pending::default();
             for ops in recovered.frames {
                 pending.add(ops);
@@ -146,8 +147,16 @@ impl EmbeddedStore {
             pending.flush(&db, &mut keys, Some(last))?;
             next_seq = last + 1;
         }
-        migrate_inline_messages(&db, &mut keys)?;
-        let state = load(&db)?;
+        // One pass over redb fills the mirror and the message keys.
+        let Loaded {
+            state,
+            mut keys,
+            inline_messages,
+        } = load(&db)?;
+        if inline_messages {
+            // The mirror has them already; redb's copy moves them once.
+            migrate_inline_messages(&db, &mut keys)?;
+        }
         let db = Arc::new(db);
         let (tx, rx) = mpsc::unbounded_channel();
         let (events, _) = broadcast::channel(4096);
@@ -315,25 +324,38 @@ fn migrate_message_keys(db: &Database) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// What one pass over redb gives.
+struct Loaded {
+    state: State,
+    keys: wal::MessageKeys,
+    /// Some interaction still carries its messages inline (stored before
+    /// messages had a table of their own).
+    inline_messages: bool,
+}
+
 /// Reads the checkpointed state from redb into the in-memory mirror.
-fn load(db: &Database) -> anyhow::Result<State> {
+fn load(db: &Database) -> anyhow::Result<Loaded> {
     let mut state = State {
         next_case: FIRST_CASE_NUMBER,
         ..State::default()
     };
+    let mut inline_messages = false;
     let r = db.begin_read()?;
     for row in r.open_table(INTERACTIONS)?.iter()? {
         let (k, v) = row?;
         let i: Interaction = serde_json::from_slice(v.value())?;
+        inline_messages |= !i.messages.is_empty();
         state.next_case = state.next_case.max(k.value() + 1);
         state.interactions.insert(k.value(), i);
     }
     // Messages in (case, index) order. Records written before messages had
     // their own table carry them inline; a row replaces or extends those.
+    let mut keys = wal::MessageKeys::default();
     let mut messages = vec![];
     for row in r.open_table(MESSAGE_LOG)?.iter()? {
-        let (_, v) = row?;
+        let (k, v) = row?;
         let (case, index, json) = wal::split_message_value(v.value())?;
+        keys.found(k.value(), case, index);
         let m: Arc<Message> = serde_json::from_slice(json)?;
         messages.push((case, index, m));
     }
@@ -386,7 +408,11 @@ fn load(db: &Database) -> anyhow::Result<State> {
             .kv
             .insert(k.value().to_string(), v.value().to_string());
     }
-    Ok(state)
+    Ok(Loaded {
+        state,
+        keys,
+        inline_messages,
+    })
 }
 
 /// After a group that held more than one write, the next group starts no

@@ -504,20 +504,33 @@ pub struct MessageKeys {
     next: u64,
 }
 
+impl Default for MessageKeys {
+    fn default() -> MessageKeys {
+        MessageKeys {
+            keys: HashMap::new(),
+            next: 1,
+        }
+    }
+}
+
 impl MessageKeys {
     /// The keys of the messages redb holds.
     pub fn load(db: &Database) -> anyhow::Result<MessageKeys> {
         use redb::{ReadableDatabase, ReadableTable};
-        let mut keys = HashMap::new();
-        let mut next = 1;
+        let mut keys = MessageKeys::default();
         let r = db.begin_read()?;
         for row in r.open_table(MESSAGE_LOG)?.iter()? {
             let (k, v) = row?;
             let (case, index, _) = split_message_value(v.value())?;
-            keys.insert((case, index), k.value());
-            next = k.value() + 1;
+            keys.found(k.value(), case, index);
         }
-        Ok(MessageKeys { keys, next })
+        Ok(keys)
+    }
+
+    /// Notes a row of the message log, read in key order.
+    pub fn found(&mut self, key: u64, case: u64, index: u32) {
+        self.keys.insert((case, index), key);
+        self.next = key + 1;
     }
 
     pub fn contains(&self, case: u64, index: u32) -> bool {
