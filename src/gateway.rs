@@ -547,10 +547,10 @@ impl Gateway {
                     continue;
                 }
             }
-            let (attachments, raw, html) = match &files {
-                Some(f) => f.clone(),
-                None => files.insert(self.receive_files(ch, &m).await?).clone(),
-            };
+            if files.is_none() {
+                files = Some(self.receive_files(ch, &m).await?);
+            }
+            let (attachments, raw, html) = files.as_ref().expect("stored just above");
             let (mut interaction, created) = match existing {
                 Some(i) if !i.is_closed_for_new_messages(now, self.new_interaction_after()) => {
                     (i, false)
@@ -599,7 +599,7 @@ impl Gateway {
             };
             let events = interaction.receive(msg, now, created);
             let case_number = interaction.case_number;
-            index.extend(attachment_index(case_number, &message_id, &attachments));
+            index.extend(attachment_index(case_number, &message_id, attachments));
             index.extend(attachment_index(case_number, &message_id, raw.as_slice()));
             let commit = Commit {
                 contact_unchanged: as_read.as_ref() == Some(&contact),

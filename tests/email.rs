@@ -507,11 +507,7 @@ async fn formatted_email_goes_out_as_text_and_sanitized_html(b: Backend) {
 
 /// One series of a counter in `/metrics` (0 before its first increment).
 async fn counter(app: &TestApp, series: &str) -> u64 {
-    let text = app.metrics().await;
-    text.lines()
-        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
-        .map(|v| v.trim().parse::<f64>().unwrap() as u64)
-        .unwrap_or(0)
+    app.metric(series).await.map_or(0, |v| v as u64)
 }
 
 const RAW_STORED: &str = r#"switchboard_files_stored_total{source="raw_email"}"#;

@@ -136,14 +136,6 @@ async fn download(app: &TestApp, id: &str) -> (u16, Vec<u8>) {
     (r.status().as_u16(), r.bytes().await.unwrap().to_vec())
 }
 
-async fn metric(app: &TestApp, line_start: &str) -> Option<f64> {
-    let text = app.metrics().await;
-    text.lines()
-        .find(|l| l.starts_with(line_start))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-}
-
 /// Flags without `\Recent` (which belongs to sessions, not to the mailbox).
 fn lasting(flags: Vec<email_support::Seen>) -> Vec<email_support::Seen> {
     flags
@@ -451,7 +443,7 @@ async fn a_malformed_message_is_quarantined_and_the_next_goes_through(b: Backend
 
     let line = "switchboard_email_quarantined_total{reason=\"unparsable\"}";
     let deadline = Instant::now() + Duration::from_secs(20);
-    while metric(&app, line).await != Some(1.0) {
+    while app.metric(line).await != Some(1.0) {
         assert!(
             Instant::now() < deadline,
             "the bad message was not quarantined"
@@ -490,7 +482,7 @@ async fn a_malformed_message_is_quarantined_and_the_next_goes_through(b: Backend
     .await;
     wait_inbound(&app, 2, &dovecot).await;
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    assert_eq!(metric(&app, line).await, Some(1.0));
+    assert_eq!(app.metric(line).await, Some(1.0));
     let after = lasting(user.flags(MAILBOX).await);
     assert_eq!(after.len(), 3);
     assert!(after.iter().all(|s| s.flags.is_empty()), "{after:?}");
@@ -684,7 +676,8 @@ async fn polls_over_tls_only_with_a_trusted_certificate(tls: &str, port_of: fn(&
     )
     .await;
     let deadline = Instant::now() + Duration::from_secs(20);
-    while metric(&app, "switchboard_imap_errors_total")
+    while app
+        .metric("switchboard_imap_errors_total")
         .await
         .unwrap_or(0.0)
         < 1.0

@@ -274,6 +274,16 @@ impl TestApp {
             .unwrap()
     }
 
+    /// The value of the first `/metrics` line that starts with `line_start`
+    /// (a metric's name, with its labels for one series).
+    pub async fn metric(&self, line_start: &str) -> Option<f64> {
+        let text = self.metrics().await;
+        text.lines()
+            .find(|l| l.starts_with(line_start))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+    }
+
     /// POSTs a multipart form (a reply or outbound message with files).
     pub async fn post_multipart(
         &self,
