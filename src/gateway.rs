@@ -595,7 +595,7 @@ impl Gateway {
                 retracted: false,
                 kind: m.kind.clone(),
                 html: html.clone(),
-                raw: raw.clone(),
+                raw: raw.clone().map(Box::new),
             };
             let events = interaction.receive(msg, now, created);
             let case_number = interaction.case_number;

@@ -613,7 +613,7 @@ async fn attachment(
     let att = i
         .messages
         .iter()
-        .flat_map(|m| m.attachments.iter().chain(m.raw.iter()))
+        .flat_map(|m| m.attachments.iter().chain(m.raw.as_deref()))
         .find(|a| a.id == *path)
         .cloned()
         .ok_or_else(|| ApiError::not_found(format!("no attachment {path}")))?;

@@ -85,6 +85,24 @@ struct State {
     kv: HashMap<String, String>,
     leases: HashMap<String, (String, Instant)>,
     next_case: u64,
+    /// One copy of each channel's `{"id","kind"}` for all its events: the
+    /// week of events the feed holds would otherwise keep one per event.
+    channels: HashMap<String, Arc<serde_json::value::RawValue>>,
+}
+
+impl State {
+    /// Keeps `e` in the feed, its channel shared with the other events of
+    /// that channel.
+    fn keep_event(&mut self, mut e: Event) {
+        match self.channels.get(e.channel.get()) {
+            Some(shared) => e.channel = shared.clone(),
+            None => {
+                self.channels
+                    .insert(e.channel.get().to_owned(), e.channel.clone());
+            }
+        }
+        self.events.push_back(e);
+    }
 }
 
 pub struct EmbeddedStore {
@@ -389,7 +407,7 @@ fn load(db: &Database) -> anyhow::Result<Loaded> {
     for row in r.open_table(EVENTS)?.iter()? {
         let (k, v) = row?;
         state.last_event = k.value();
-        state.events.push_back(serde_json::from_slice(v.value())?);
+        state.keep_event(serde_json::from_slice(v.value())?);
     }
     for row in r.open_table(OUTBOX)?.iter()? {
         let (k, v) = row?;
@@ -709,8 +727,8 @@ impl Store for EmbeddedStore {
                 st.last_event = id;
                 let event = Event::from_draft(format!("{}-{}", id.0, id.1), draft);
                 ops.push(Op::Event(id, event_json(&event.id, &row)));
-                st.events.push_back(event.clone());
-                stored_events.push(event);
+                st.keep_event(event);
+                stored_events.push(st.events.back().expect("just kept").clone());
             }
             // Retention: drop events older than the window, a few at a time.
             let horizon = Utc::now() - self.retention;
@@ -1246,5 +1264,51 @@ mod tests {
         );
         assert_eq!(store.lookup("msg:sms:SMlost").await.unwrap(), None);
         store.commit(claim("msg:sms:SMlost")).await.unwrap();
+    }
+
+    /// The feed keeps one copy of a channel's `{"id","kind"}` for all its
+    /// events, after a commit and after a restart, and serves the same JSON.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn events_of_one_channel_share_its_json() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = EmbeddedStore::open(dir.path(), Duration::from_secs(3600)).unwrap();
+        let i = case_1001();
+        let other = Interaction {
+            case_number: 1002,
+            channel_id: "sms-other".into(),
+            ..case_1001()
+        };
+        for (n, case) in [&i, &i, &other, &i].into_iter().enumerate() {
+            let commit = Commit {
+                events: vec![case.event("note", Utc::now(), &serde_json::json!({"n": n}))],
+                ..Commit::default()
+            };
+            store.commit(commit).await.unwrap();
+        }
+        let check = |events: &[Event]| {
+            assert_eq!(events.len(), 4);
+            let channels: Vec<&str> = events.iter().map(|e| e.channel.get()).collect();
+            assert_eq!(
+                channels,
+                [
+                    r#"{"id":"sms-main","kind":"sms"}"#,
+                    r#"{"id":"sms-main","kind":"sms"}"#,
+                    r#"{"id":"sms-other","kind":"sms"}"#,
+                    r#"{"id":"sms-main","kind":"sms"}"#,
+                ]
+            );
+            assert!(Arc::ptr_eq(&events[0].channel, &events[1].channel));
+            assert!(Arc::ptr_eq(&events[0].channel, &events[3].channel));
+            assert!(!Arc::ptr_eq(&events[0].channel, &events[2].channel));
+            let data: Vec<&str> = events.iter().map(|e| e.data.get()).collect();
+            assert_eq!(
+                data,
+                [r#"{"n":0}"#, r#"{"n":1}"#, r#"{"n":2}"#, r#"{"n":3}"#]
+            );
+        };
+        check(&store.events_after(None, 10).await.unwrap());
+        drop(store);
+        let store = reopen(dir.path()).await;
+        check(&store.events_after(None, 10).await.unwrap());
     }
 }
