@@ -268,16 +268,18 @@ for store, runs in by.items():
             store, name, r["requests"], r["errors"], r["rps"], r["p50_ms"], r["p99_ms"], r["max_ms"],
             cpu(r), r.get("loadgen_cpu_us_per_req") or 0, r.get("other_cpu_s") or 0))
 print()
-print("| store | baseline req/s (p50/p99 ms) | webhooks req/s (p50/p99 ms) | webhooks / baseline | webhooks at %s/s: p50 / p99 / max ms | gateway's own time at %s/s: p99 within / share within 5 ms | CPU us per webhook (max / at %s/s) |" % (rate, rate, rate))
-print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+print("| store | baseline req/s (p50/p99 ms) | webhooks req/s (p50/p99 ms) | webhooks / baseline | webhooks at %s/s: p50 / p99 / max ms | gateway's own time at %s/s: p99 within / share within 5 ms | CPU us per webhook (max / at %s/s) | gateway memory grown per webhook (max rate) |" % (rate, rate, rate))
+print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
 for store, runs in by.items():
     h, s, sr = runs.get("healthz"), runs.get("sms"), runs.get("sms@" + rate)
     if not (h and s and sr):
         continue
     own = "%s ms / %s%%" % (sr.get("server_p99_le_ms"), sr.get("server_pct_under_5ms"))
-    print("| %s | %.0f (%.2f / %.2f) | %.0f (%.2f / %.2f) | %.0f%% | %.2f / %.2f / %.2f | %s | %s / %s |" % (
+    grew = s.get("server_rss_grew_kb_per_req")
+    grew = "—" if grew is None else "%.2f KB" % grew
+    print("| %s | %.0f (%.2f / %.2f) | %.0f (%.2f / %.2f) | %.0f%% | %.2f / %.2f / %.2f | %s | %s / %s | %s |" % (
         store, h["rps"], h["p50_ms"], h["p99_ms"], s["rps"], s["p50_ms"], s["p99_ms"],
-        100 * s["rps"] / h["rps"], sr["p50_ms"], sr["p99_ms"], sr["max_ms"], own, cpu(s), cpu(sr)))
+        100 * s["rps"] / h["rps"], sr["p50_ms"], sr["p99_ms"], sr["max_ms"], own, cpu(s), cpu(sr), grew))
 EOF
 
 if grep -q '"errors":[1-9]' "$ALL"; then

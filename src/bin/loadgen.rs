@@ -23,7 +23,10 @@
 //!
 //! With `--pid`, it also reports the CPU time (user + system, from
 //! `/proc/PID/stat`) that process spent per request during the measured window,
-//! and always its own CPU time per request, since both share the machine.
+//! and always its own CPU time per request, since both share the machine,
+//! and how much that process's resident memory grew per request (what the
+//! gateway keeps per webhook; on a VM that hands freed memory back to its
+//! host, memory taken for the first time is expensive).
 
 use anyhow::{bail, Context};
 use clap::{Parser, ValueEnum};
@@ -229,6 +232,15 @@ fn written_bytes(pid: &str) -> Option<u64> {
     io.lines()
         .find_map(|l| l.strip_prefix("write_bytes:"))
         .and_then(|v| v.trim().parse().ok())
+}
+
+/// A process's resident memory (`VmRSS` of `/proc/PID/status`), in KiB.
+fn rss_kib(pid: &str) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
 }
 
 /// CPU time the whole machine has spent busy so far (all cores), in seconds:
@@ -558,6 +570,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let server_cpu_before = pid.as_deref().and_then(|p| cpu_seconds(p, cli.clk_tck));
     let self_cpu_before = cpu_seconds("self", cli.clk_tck);
     let written_before = pid.as_deref().and_then(written_bytes);
+    let rss_before = pid.as_deref().and_then(rss_kib);
     let machine_before = machine_busy_seconds(cli.clk_tck);
     let extra_pid = cli.extra_pid.map(|p| p.to_string());
     let extra_cpu_before = extra_pid
@@ -625,6 +638,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         .and_then(written_bytes)
         .zip(written_before)
         .map(|(after, before)| after.saturating_sub(before));
+    let rss_grew = pid
+        .as_deref()
+        .and_then(rss_kib)
+        .zip(rss_before)
+        .map(|(after, before)| after as f64 - before as f64);
     let extra_cpu = extra_pid
         .as_deref()
         .and_then(|p| cpu_seconds(p, cli.clk_tck))
@@ -698,6 +716,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         "server_written_kb_per_req": written
             .filter(|_| requests > 0)
             .map(|w| round(w as f64 / 1024.0 / requests as f64, 2)),
+        "server_rss_grew_kb_per_req": rss_grew
+            .filter(|_| requests > 0)
+            .map(|g| round(g / requests as f64, 2)),
         "loadgen_cpu_us_per_req": per_request_us(self_cpu),
         "loadgen_cpu_s": self_cpu.map(|c| round(c, 2)),
         "other_cpu_s": other_cpu.map(|c| round(c.max(0.0), 2)),
