@@ -74,7 +74,9 @@ struct WriteRequest {
 
 #[derive(Default)]
 struct State {
-    interactions: HashMap<u64, Interaction>,
+    /// Shared, so that a reader copies an interaction (its message list
+    /// grows with the conversation) after letting go of the lock.
+    interactions: HashMap<u64, Arc<Interaction>>,
     contacts: HashMap<String, Contact>,
     contact_keys: HashMap<String, String>,
     claims: HashMap<String, String>,
@@ -364,7 +366,7 @@ fn load(db: &Database) -> anyhow::Result<Loaded> {
         let i: Interaction = serde_json::from_slice(v.value())?;
         inline_messages |= !i.messages.is_empty();
         state.next_case = state.next_case.max(k.value() + 1);
-        state.interactions.insert(k.value(), i);
+        state.interactions.insert(k.value(), Arc::new(i));
     }
     // Messages in (case, index) order. Records written before messages had
     // their own table carry them inline; a row replaces or extends those.
@@ -380,6 +382,7 @@ fn load(db: &Database) -> anyhow::Result<Loaded> {
     messages.sort_unstable_by_key(|(case, index, _)| (*case, *index));
     for (case, index, m) in messages {
         if let Some(i) = state.interactions.get_mut(&case) {
+            let i = Arc::make_mut(i);
             let index = index as usize;
             if index < i.messages.len() {
                 i.messages[index] = m;
@@ -665,6 +668,9 @@ impl Store for EmbeddedStore {
             ));
         }
         let mut stored_events = vec![];
+        // What the commit replaces, dropped once the lock is let go: a long
+        // conversation's message list takes a while to let go of.
+        let mut replaced = (None, None);
         let durable = {
             let mut st = self.state.lock();
             self.usable()?;
@@ -701,13 +707,13 @@ impl Store for EmbeddedStore {
             if let Some((_, c, Some(row))) = contact {
                 ops.push(Op::Contact(c.key.clone(), row));
                 st.contact_keys.insert(c.id.clone(), c.key.clone());
-                st.contacts.insert(c.key.clone(), c);
+                replaced.0 = st.contacts.insert(c.key.clone(), c);
             }
             if let Some(p) = interaction {
                 let case = p.interaction.case_number;
                 st.next_case = st.next_case.max(case + 1);
-                let i = p.ops(&mut ops, st.interactions.get(&case));
-                st.interactions.insert(case, i);
+                let i = p.ops(&mut ops, st.interactions.get(&case).map(|i| &**i));
+                replaced.1 = st.interactions.insert(case, Arc::new(i));
             }
             for job in commit.outbox_add.drain(..) {
                 st.outbox.insert(job.id.clone(), job);
@@ -747,6 +753,7 @@ impl Store for EmbeddedStore {
             };
             self.queue(ops, publish)?
         };
+        drop(replaced);
         durable.wait().await?;
         Ok(stored_events)
     }
@@ -759,7 +766,8 @@ impl Store for EmbeddedStore {
     }
 
     async fn interaction(&self, case_number: u64) -> StoreResult<Option<Interaction>> {
-        Ok(self.state.lock().interactions.get(&case_number).cloned())
+        let shared = self.state.lock().interactions.get(&case_number).cloned();
+        Ok(shared.map(Arc::unwrap_or_clone))
     }
 
     async fn interactions_for(
@@ -767,15 +775,18 @@ impl Store for EmbeddedStore {
         queues: &[String],
         agent: Option<&str>,
     ) -> StoreResult<Vec<Interaction>> {
-        let st = self.state.lock();
-        Ok(st
-            .interactions
-            .values()
-            .filter(|i| {
-                queues.contains(&i.queue) || (agent.is_some() && i.assigned_to.as_deref() == agent)
-            })
-            .cloned()
-            .collect())
+        let shared: Vec<Arc<Interaction>> = {
+            let st = self.state.lock();
+            st.interactions
+                .values()
+                .filter(|i| {
+                    queues.contains(&i.queue)
+                        || (agent.is_some() && i.assigned_to.as_deref() == agent)
+                })
+                .cloned()
+                .collect()
+        };
+        Ok(shared.into_iter().map(Arc::unwrap_or_clone).collect())
     }
 
     async fn contact(&self, key: &str) -> StoreResult<Option<Contact>> {
