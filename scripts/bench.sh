@@ -15,6 +15,9 @@
 #   healthz@RATE GET /healthz, open loop at $BENCH_RATE requests/s
 #   sms-retry    one webhook over and over (a provider's retries), closed loop:
 #                the cost of everything before the store write
+#   healthz-wide, sms-wide   the two closed loops again with $BENCH_WIDE_CONCURRENCY
+#                connections (4 x $BENCH_CONCURRENCY): enough webhooks in flight
+#                that a log flush no longer leaves the cores idle
 # each for $BENCH_SECONDS seconds, and prints one JSON line per run plus a table.
 # Before the embedded store's runs, `loadgen --mode fsync` measures the disk
 # itself (8 KiB write + fdatasync, back to back, in the same directory): the
@@ -28,6 +31,7 @@ cd "$(dirname "$0")/.."
 
 SECONDS_PER_RUN="${BENCH_SECONDS:-10}"
 CONCURRENCY="${BENCH_CONCURRENCY:-32}"
+WIDE="${BENCH_WIDE_CONCURRENCY:-$((CONCURRENCY * 4))}"
 RATE="${BENCH_RATE:-1000}"
 STORES="${BENCH_STORES:-embedded redis}"
 REDIS_URL="${BENCH_REDIS_URL:-redis://127.0.0.1:6379/0}"
@@ -231,6 +235,11 @@ for store in $STORES; do
   # at the dedupe check: HTTP, signature, parsing and one store read, no write.
   loadgen "$store" --mode sms --name sms-retry --same-sid --concurrency "$CONCURRENCY" \
     --config "$config"
+  # Diagnostic: with $CONCURRENCY connections every webhook in flight can be
+  # waiting on the same log flush, and the cores idle meanwhile; with more in
+  # flight they do not. Both at the same width, so their ratio is fair too.
+  loadgen "$store" --mode healthz --name healthz-wide --concurrency "$WIDE"
+  loadgen "$store" --mode sms --name sms-wide --concurrency "$WIDE" --config "$config"
   if [ -s "$WORK/server.err" ]; then
     echo "-- gateway stderr ($store), last lines:" >&2
     tail -n 5 "$WORK/server.err" >&2
@@ -241,10 +250,10 @@ for store in $STORES; do
 done
 
 # The summary, as Markdown tables (what BENCHMARKS.md shows).
-python3 - "$ALL" "$RATE" <<'EOF' || true
+python3 - "$ALL" "$RATE" "$WIDE" <<'EOF' || true
 import json, sys
 rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
-rate = sys.argv[2]
+rate, wide = sys.argv[2], sys.argv[3]
 by = {}
 for r in rows:
     by.setdefault(r["store"], {})[r["name"]] = r
@@ -268,8 +277,8 @@ for store, runs in by.items():
             store, name, r["requests"], r["errors"], r["rps"], r["p50_ms"], r["p99_ms"], r["max_ms"],
             cpu(r), r.get("loadgen_cpu_us_per_req") or 0, r.get("other_cpu_s") or 0))
 print()
-print("| store | baseline req/s (p50/p99 ms) | webhooks req/s (p50/p99 ms) | webhooks / baseline | webhooks at %s/s: p50 / p99 / max ms | gateway's own time at %s/s: p99 within / share within 5 ms | CPU us per webhook (max / at %s/s) | gateway memory grown per webhook (max rate) |" % (rate, rate, rate))
-print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+print("| store | baseline req/s (p50/p99 ms) | webhooks req/s (p50/p99 ms) | webhooks / baseline | webhooks at %s/s: p50 / p99 / max ms | gateway's own time at %s/s: p99 within / share within 5 ms | CPU us per webhook (max / at %s/s) | gateway memory grown per webhook (max rate) | with %s connections: baseline → webhooks req/s, ratio |" % (rate, rate, rate, wide))
+print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
 for store, runs in by.items():
     h, s, sr = runs.get("healthz"), runs.get("sms"), runs.get("sms@" + rate)
     if not (h and s and sr):
@@ -277,9 +286,11 @@ for store, runs in by.items():
     own = "%s ms / %s%%" % (sr.get("server_p99_le_ms"), sr.get("server_pct_under_5ms"))
     grew = s.get("server_rss_grew_kb_per_req")
     grew = "—" if grew is None else "%.2f KB" % grew
-    print("| %s | %.0f (%.2f / %.2f) | %.0f (%.2f / %.2f) | %.0f%% | %.2f / %.2f / %.2f | %s | %s / %s | %s |" % (
+    hw, sw = runs.get("healthz-wide"), runs.get("sms-wide")
+    widened = "—" if not (hw and sw) else "%.0f → %.0f, %.0f%%" % (hw["rps"], sw["rps"], 100 * sw["rps"] / hw["rps"])
+    print("| %s | %.0f (%.2f / %.2f) | %.0f (%.2f / %.2f) | %.0f%% | %.2f / %.2f / %.2f | %s | %s / %s | %s | %s |" % (
         store, h["rps"], h["p50_ms"], h["p99_ms"], s["rps"], s["p50_ms"], s["p99_ms"],
-        100 * s["rps"] / h["rps"], sr["p50_ms"], sr["p99_ms"], sr["max_ms"], own, cpu(s), cpu(sr), grew))
+        100 * s["rps"] / h["rps"], sr["p50_ms"], sr["p99_ms"], sr["max_ms"], own, cpu(s), cpu(sr), grew, widened))
 EOF
 
 if grep -q '"errors":[1-9]' "$ALL"; then
