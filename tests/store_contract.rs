@@ -1432,6 +1432,65 @@ async fn redis_two_stores_on_one_prefix_share_state_and_live_events() {
     drop((a, b));
 }
 
+/// A process that has read or written an interaction reads it again as
+/// another process changed it since, and as gone once it is deleted: nothing
+/// a process held earlier is answered in its place.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_a_process_reads_what_another_changed_since() {
+    let keys = RedisKeys::new();
+    let a: DynStore = RedisStore::connect(&redis_url(), &keys.prefix, RETENTION)
+        .await
+        .unwrap();
+    let b: DynStore = RedisStore::connect(&redis_url(), &keys.prefix, RETENTION)
+        .await
+        .unwrap();
+    let first = first_message(&a, "15551234567", "support").await;
+    a.commit(first.commit()).await.unwrap();
+    let case = first.interaction.case_number;
+    // Both hold version 1 now: a wrote it, b read it.
+    let v1 = b.interaction(case).await.unwrap().expect("stored");
+    assert_eq!(a.interaction(case).await.unwrap().as_ref(), Some(&v1));
+
+    let mut changed = v1.clone();
+    let now = Utc::now();
+    changed.receive(inbound("and it is still missing", now), now, false);
+    b.commit(Commit {
+        interaction: Some(changed),
+        ..Commit::default()
+    })
+    .await
+    .unwrap();
+    let seen_by_a = a.interaction(case).await.unwrap().expect("stored");
+    assert_eq!(seen_by_a.version, v1.version + 1);
+    assert_eq!(
+        seen_by_a
+            .messages
+            .iter()
+            .map(|m| m.text.as_str())
+            .collect::<Vec<_>>(),
+        [
+            "Hi, my order #4411 has not arrived",
+            "and it is still missing"
+        ]
+    );
+    assert_eq!(Some(seen_by_a), b.interaction(case).await.unwrap());
+
+    // Gone from Redis: gone for both, whatever they held.
+    let mut conn = redis::Client::open(redis_url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let _: () = redis::cmd("DEL")
+        .arg(format!("{}:interaction:{case}", keys.prefix))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(a.interaction(case).await.unwrap(), None);
+    assert_eq!(b.interaction(case).await.unwrap(), None);
+    drop((a, b));
+}
+
 /// A Redis store under fresh keys, and a connection of the test's own to
 /// look at what it wrote.
 async fn redis_store_with_conn() -> (RedisKeys, DynStore, redis::aio::MultiplexedConnection) {
