@@ -24,7 +24,8 @@
 # floor under any durable commit on this machine.
 # Both runs of a store use the same gateway configuration, with
 # server.pin_workers = true: the machine is the gateway's own.
-# Every webhook has its own MessageSid; senders cycle through 4,000 numbers.
+# Every webhook has its own MessageSid; senders cycle through $BENCH_SENDERS
+# numbers (4,000 unless set).
 # Only 127.0.0.1 is contacted. Everything started here is stopped on exit.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -32,6 +33,8 @@ cd "$(dirname "$0")/.."
 SECONDS_PER_RUN="${BENCH_SECONDS:-10}"
 CONCURRENCY="${BENCH_CONCURRENCY:-32}"
 WIDE="${BENCH_WIDE_CONCURRENCY:-$((CONCURRENCY * 4))}"
+# How many customers write: fewer senders make longer conversations.
+SENDERS="${BENCH_SENDERS:-4000}"
 RATE="${BENCH_RATE:-1000}"
 STORES="${BENCH_STORES:-embedded redis}"
 REDIS_URL="${BENCH_REDIS_URL:-redis://127.0.0.1:6379/0}"
@@ -203,6 +206,7 @@ loadgen() { # store args... → one JSON line, tagged with the store
   shift
   local extra=()
   if [ "$store" = redis ] && [ -n "$REDIS_PID" ]; then extra=(--extra-pid "$REDIS_PID"); fi
+  case " $* " in *" --mode sms "*) extra+=(--senders "$SENDERS") ;; esac
   local line
   line="$(timeout $((SECONDS_PER_RUN * 3 + 60)) "${NICE[@]}" target/release/loadgen --url "$URL" \
     --pid "$SERVER_PID" --clk-tck "$CLK_TCK" --duration "$SECONDS_PER_RUN" "${extra[@]}" "$@")"
