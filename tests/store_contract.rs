@@ -1390,10 +1390,9 @@ async fn embedded_opens_interactions_stored_with_inline_messages() {
 
 // ----- Redis only -----------------------------------------------------------
 
-/// Two gateway processes on one Redis share state, and each sees the other's
-/// events live (SSE and long-polls on every node).
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn redis_two_stores_on_one_prefix_share_state_and_live_events() {
+/// Two stores on one Redis under the same fresh keys, as two gateway
+/// processes would be.
+async fn two_redis_stores() -> (RedisKeys, DynStore, DynStore) {
     let keys = RedisKeys::new();
     let a: DynStore = RedisStore::connect(&redis_url(), &keys.prefix, RETENTION)
         .await
@@ -1401,6 +1400,14 @@ async fn redis_two_stores_on_one_prefix_share_state_and_live_events() {
     let b: DynStore = RedisStore::connect(&redis_url(), &keys.prefix, RETENTION)
         .await
         .unwrap();
+    (keys, a, b)
+}
+
+/// Two gateway processes on one Redis share state, and each sees the other's
+/// events live (SSE and long-polls on every node).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_two_stores_on_one_prefix_share_state_and_live_events() {
+    let (_keys, a, b) = two_redis_stores().await;
     let mut rx_b = b.subscribe();
 
     let first = first_message(&a, "15551234567", "support").await;
@@ -1437,13 +1444,7 @@ async fn redis_two_stores_on_one_prefix_share_state_and_live_events() {
 /// a process held earlier is answered in its place.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_a_process_reads_what_another_changed_since() {
-    let keys = RedisKeys::new();
-    let a: DynStore = RedisStore::connect(&redis_url(), &keys.prefix, RETENTION)
-        .await
-        .unwrap();
-    let b: DynStore = RedisStore::connect(&redis_url(), &keys.prefix, RETENTION)
-        .await
-        .unwrap();
+    let (keys, a, b) = two_redis_stores().await;
     let first = first_message(&a, "15551234567", "support").await;
     a.commit(first.commit()).await.unwrap();
     let case = first.interaction.case_number;
