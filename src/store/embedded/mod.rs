@@ -225,6 +225,23 @@ impl EmbeddedStore {
     /// changes in the order they were applied: a later change to a record
     /// never comes before an earlier one (which replay, and the
     /// checkpointer, would otherwise let win).
+    /// One change outside a [`Store::commit`]: `apply` changes the mirror
+    /// and returns the op that logs it (`None`: nothing to change), under the
+    /// state lock, and the call returns once the op is durable. A store that
+    /// can no longer write (see `broken`) refuses before anything is applied,
+    /// as `commit` does: the mirror never shows a change the log lacks.
+    async fn write_one(&self, apply: impl FnOnce(&mut State) -> Option<Op>) -> StoreResult<()> {
+        let durable = {
+            let mut st = self.state.lock();
+            self.usable()?;
+            match apply(&mut st) {
+                Some(op) => self.queue(vec![op], vec![])?,
+                None => return Ok(()),
+            }
+        };
+        durable.wait().await
+    }
+
     fn queue(&self, ops: Vec<Op>, events: Vec<Event>) -> StoreResult<Durable> {
         let (done, wait) = oneshot::channel();
         self.writer
@@ -818,12 +835,11 @@ impl Store for EmbeddedStore {
 
     async fn put_note(&self, agent: &str, contact_id: &str, notes: &str) -> StoreResult<()> {
         let key = note_key(agent, contact_id);
-        let durable = {
-            let mut st = self.state.lock();
+        self.write_one(|st| {
             st.notes.insert(key.clone(), notes.to_string());
-            self.queue(vec![Op::Note(key, notes.to_string())], vec![])?
-        };
-        durable.wait().await
+            Some(Op::Note(key, notes.to_string()))
+        })
+        .await
     }
 
     async fn events_after(&self, after: Option<&str>, limit: usize) -> StoreResult<Vec<Event>> {
@@ -866,15 +882,13 @@ impl Store for EmbeddedStore {
 
     async fn outbox_reschedule(&self, job: &OutboxJob) -> StoreResult<()> {
         let row = json(&OutboxRecord::V1(job.clone()));
-        let durable = {
-            let mut st = self.state.lock();
-            if !st.outbox.contains_key(&job.id) {
-                return Ok(());
-            }
-            st.outbox.insert(job.id.clone(), job.clone());
-            self.queue(vec![Op::Outbox(job.id.clone(), row)], vec![])?
-        };
-        durable.wait().await
+        self.write_one(|st| {
+            // A job finished meanwhile stays finished.
+            let held = st.outbox.get_mut(&job.id)?;
+            *held = job.clone();
+            Some(Op::Outbox(job.id.clone(), row))
+        })
+        .await
     }
 
     async fn outbox_depth(&self) -> StoreResult<u64> {
@@ -918,12 +932,11 @@ impl Store for EmbeddedStore {
     }
 
     async fn kv_set(&self, key: &str, value: &str) -> StoreResult<()> {
-        let durable = {
-            let mut st = self.state.lock();
+        self.write_one(|st| {
             st.kv.insert(key.to_string(), value.to_string());
-            self.queue(vec![Op::Kv(key.to_string(), value.to_string())], vec![])?
-        };
-        durable.wait().await
+            Some(Op::Kv(key.to_string(), value.to_string()))
+        })
+        .await
     }
 
     async fn try_lease(&self, name: &str, owner: &str, ttl: Duration) -> StoreResult<bool> {
@@ -1265,6 +1278,13 @@ mod tests {
             "{again:?}"
         );
         assert!(store.ping().await.is_err(), "readyz must fail");
+        // Nor do the writes outside a commit reach the mirror.
+        let note = store.put_note("anne", "c1", "lost note").await;
+        assert!(matches!(note, Err(StoreError::Unavailable(_))), "{note:?}");
+        assert_eq!(store.note("anne", "c1").await.unwrap(), None);
+        let kv = store.kv_set("k", "lost").await;
+        assert!(matches!(kv, Err(StoreError::Unavailable(_))), "{kv:?}");
+        assert_eq!(store.kv_get("k").await.unwrap(), None);
         drop(store);
 
         let store = reopen(dir.path()).await;
