@@ -21,6 +21,9 @@
 //!   gateway shows up in the figures instead of slowing the generator down
 //!   (no coordinated omission).
 //!
+//! `first_ms` is the latency of the first measured request: with
+//! `--warmup 0` against a gateway just started, what its first caller waits.
+//!
 //! With `--pid`, it also reports the CPU time (user + system, from
 //! `/proc/PID/stat`) that process spent per request during the measured window,
 //! and always its own CPU time per request, since both share the machine,
@@ -674,6 +677,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     }
     let requests = samples.len();
     let ok = samples.iter().filter(|s| s.ok).count();
+    // The first measured request (the earliest due): with `--warmup 0`
+    // against a gateway just started, what its first caller waits.
+    let first = samples.iter().min_by_key(|s| s.due).map(|s| s.latency);
     let mut latency: Vec<Duration> = samples.iter().map(|s| s.latency).collect();
     let mut service: Vec<Duration> = samples.iter().map(|s| s.service).collect();
     latency.sort_unstable();
@@ -701,6 +707,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         "p50_ms": quantile_ms(&latency, 0.50),
         "p99_ms": quantile_ms(&latency, 0.99),
         "max_ms": quantile_ms(&latency, 1.0),
+        "first_ms": first.map(ms),
         "p999_ms": quantile_ms(&latency, 0.999),
         "service_p50_ms": quantile_ms(&service, 0.50),
         "service_p99_ms": quantile_ms(&service, 0.99),
