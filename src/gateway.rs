@@ -179,7 +179,7 @@ impl Gateway {
                 Inbound::Status(_) | Inbound::Revoked => None,
             };
             let id = match from {
-                Some(f) => Some(DigitalId::parse(kind, f).map_err(|e| {
+                Some(f) => Some(DigitalId::from_provider(kind, f).map_err(|e| {
                     self.metrics.webhook_rejected(kind, "malformed");
                     IntakeError::Malformed(format!("sender: {e}"))
                 })?),
@@ -465,7 +465,7 @@ impl Gateway {
         let aliases: Vec<DigitalId> = m
             .aliases
             .iter()
-            .filter_map(|a| DigitalId::parse(kind, a).ok())
+            .filter_map(|a| DigitalId::from_provider(kind, a).ok())
             .filter(|a| *a != digital_id)
             .collect();
         let message_id = new_id();

@@ -108,6 +108,32 @@ async fn malformed_and_non_utf8_bodies_are_refused() {
     );
 }
 
+/// A signed SMS from a number libphonenumber's metadata does not know (the
+/// unallocated 555 area code) is kept under its E.164 form, not refused and
+/// lost; a sender that is no phone number at all is 400 and stores nothing.
+#[tokio::test]
+async fn a_sender_unknown_to_the_metadata_is_kept_and_a_non_number_refused() {
+    let app = TestApp::start(Backend::Embedded).await;
+    let (status, text) = app.sms_from("hello", "hi", "SMnotanumber").await;
+    let v: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(
+        (status, v["code"].as_str()),
+        (400, Some("malformed_payload")),
+        "{text}"
+    );
+    assert!(
+        v["detail"].as_str().is_some_and(|d| d.contains("hello")),
+        "{text}"
+    );
+    assert!(app.events().await.is_empty(), "nothing stored");
+
+    let (status, _) = app.sms_from("+1 555 123 4567", "hi", "SMnewrange").await;
+    assert_eq!(status, 200);
+    let i = app.interaction(app.only_case().await).await;
+    assert_eq!(i["digital_id"], "+15551234567");
+    assert_eq!(i["messages"][0]["text"], "hi");
+}
+
 /// Agent JSON bodies that do not parse are 400 malformed_payload.
 #[tokio::test]
 async fn malformed_agent_json_is_400() {

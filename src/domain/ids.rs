@@ -117,6 +117,33 @@ impl PhoneNumber {
             .ok_or_else(|| InvalidPhoneNumber(raw.to_string()))
     }
 
+    /// A sender's number as a provider reports it, once the provider has
+    /// delivered a message from it. A number that [`PhoneNumber::parse`]
+    /// takes comes out the same; one that libphonenumber's metadata does not
+    /// know (a range allocated after the metadata was published, a test
+    /// number) is still taken, in E.164 form, when its country code exists and
+    /// it has 7 to 15 digits: refusing it would lose a real customer's
+    /// message. Numbers an agent types are checked with `parse`.
+    pub fn from_provider(raw: &str) -> Result<PhoneNumber, InvalidPhoneNumber> {
+        if let Ok(p) = PhoneNumber::parse(raw) {
+            return Ok(p);
+        }
+        let invalid = || InvalidPhoneNumber(raw.to_string());
+        let trimmed = raw.trim();
+        if !trimmed.starts_with('+') {
+            return Err(invalid());
+        }
+        std::sync::LazyLock::force(&METADATA);
+        let parsed = phonenumber::parse(None, trimmed).map_err(|_| invalid())?;
+        let e164 = parsed.format().mode(phonenumber::Mode::E164).to_string();
+        let digits = e164.len() - 1;
+        if (7..=15).contains(&digits) && e164[1..].bytes().all(|b| b.is_ascii_digit()) {
+            Ok(PhoneNumber(e164))
+        } else {
+            Err(invalid())
+        }
+    }
+
     pub fn as_str(&self) -> &str {
         &self.0
     }
@@ -186,6 +213,17 @@ impl EmailAddress {
 pub struct DigitalId(String);
 
 impl DigitalId {
+    /// A sender's ID as a provider reports it: as [`DigitalId::parse`], but
+    /// an SMS number goes through [`PhoneNumber::from_provider`].
+    pub fn from_provider(kind: ChannelKind, raw: &str) -> Result<DigitalId, String> {
+        match kind {
+            ChannelKind::Sms if !raw.trim().is_empty() => PhoneNumber::from_provider(raw)
+                .map(|p| DigitalId(p.0))
+                .map_err(|e| e.to_string()),
+            _ => DigitalId::parse(kind, raw),
+        }
+    }
+
     /// Canonicalises a raw ID for a kind: E.164 for SMS, lower case for
     /// email, the provider's opaque ID otherwise.
     pub fn parse(kind: ChannelKind, raw: &str) -> Result<DigitalId, String> {
@@ -313,6 +351,41 @@ mod tests {
             .unwrap()
             .len();
         assert!(compiled > 100, "only {compiled} patterns kept");
+    }
+
+    /// What a provider delivered from is kept, unless it is no number at all.
+    #[test]
+    fn a_senders_number_unknown_to_the_metadata_is_still_taken() {
+        // The 555 area code is not allocated: an agent may not type it ...
+        assert!(PhoneNumber::parse("+1 555 123 4567").is_err());
+        // ... but a message from it is kept, under its E.164 form.
+        let id = DigitalId::from_provider(ChannelKind::Sms, "+1 555 123 4567").unwrap();
+        assert_eq!(id.as_str(), "+15551234567");
+        // Valid numbers come out as `parse` gives them.
+        assert_eq!(
+            DigitalId::from_provider(ChannelKind::Sms, "+1 (415) 867-5309")
+                .unwrap()
+                .as_str(),
+            "+14158675309"
+        );
+        for not_a_number in [
+            "",
+            "hello",
+            "12345",
+            "+4412",
+            "+999123456789",
+            "+123456789012345678",
+        ] {
+            assert!(
+                DigitalId::from_provider(ChannelKind::Sms, not_a_number).is_err(),
+                "{not_a_number:?}"
+            );
+        }
+        // Other kinds are as `parse` has them.
+        assert_eq!(
+            DigitalId::from_provider(ChannelKind::Email, "Kerry@Example.COM").unwrap(),
+            DigitalId::parse(ChannelKind::Email, "Kerry@Example.COM").unwrap()
+        );
     }
 
     #[test]
