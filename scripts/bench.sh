@@ -209,9 +209,11 @@ loadgen() { # store args... → one JSON line, tagged with the store
   local extra=()
   if [ "$store" = redis ] && [ -n "$REDIS_PID" ]; then extra=(--extra-pid "$REDIS_PID"); fi
   case " $* " in *" --mode sms "*) extra+=(--senders "$SENDERS") ;; esac
+  # A run that gives its own --duration keeps it.
+  case " $* " in *" --duration "*) ;; *) extra+=(--duration "$SECONDS_PER_RUN") ;; esac
   local line
   line="$(timeout $((SECONDS_PER_RUN * 3 + 60)) "${NICE[@]}" target/release/loadgen --url "$URL" \
-    --pid "$SERVER_PID" --clk-tck "$CLK_TCK" --duration "$SECONDS_PER_RUN" "${extra[@]}" "$@")"
+    --pid "$SERVER_PID" --clk-tck "$CLK_TCK" "${extra[@]}" "$@")"
   record "$store" "$line"
 }
 
