@@ -182,6 +182,14 @@ pub fn check_channel(c: &ChannelConfig) -> Vec<String> {
             ));
         }
     }
+    if c.kind == ChannelKind::Sms {
+        if let Some(Err(e)) = c
+            .str("from")
+            .map(|from| crate::adapters::sms::own_number(&c.id, from))
+        {
+            p.push(e);
+        }
+    }
     for key in c.settings.keys() {
         let known = m.settings.required.contains(key)
             || m.settings.optional.contains(key)

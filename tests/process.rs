@@ -893,6 +893,14 @@ account_sid = "AC1"
 auth_token = "t"
 from = "+14155550103"
 colour = "blue"
+
+[[channels]]
+id = "sms-local"
+kind = "sms"
+queue = "support"
+account_sid = "AC1"
+auth_token = "t"
+from = "4155550104"
 "#;
 
 /// The lines of `out` that name both `who` and `key`.
@@ -919,6 +927,7 @@ fn check_config_lists_every_problem_and_exits_1() {
         ("agent dave", "token"),
         ("sms-main", "auth_token"),
         ("sms-extra", "colour"),
+        ("sms-local", "E.164"),
     ];
     for (who, key) in expected {
         assert!(

@@ -27,7 +27,7 @@ use super::{
     OutgoingMessage, RawRequest, SendReceipt, StatusUpdate, Verified, WebhookAck, WebhookIntake,
 };
 use crate::config::ChannelConfig;
-use crate::domain::{ChannelKind, DeliveryStatus};
+use crate::domain::{ChannelKind, DeliveryStatus, PhoneNumber};
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use reqwest::header::{HeaderMap, RETRY_AFTER};
@@ -71,6 +71,18 @@ pub struct SmsChannel {
     /// `public_url/webhooks/{channel_id}`.
     status_callback: String,
     http: reqwest::Client,
+}
+
+/// A channel's own number (`from`) in E.164 form, the only form Twilio
+/// takes; the problem `check-config` lists otherwise.
+pub fn own_number(channel_id: &str, from: &str) -> Result<String, String> {
+    PhoneNumber::from_provider(from)
+        .map(|n| n.as_str().to_string())
+        .map_err(|_| {
+            format!(
+                "channel {channel_id}: from: not a phone number in E.164 form (+, country code, number): {from}"
+            )
+        })
 }
 
 enum Sender {
@@ -124,7 +136,7 @@ impl SmsChannel {
         let mut auth_tokens = vec![need("auth_token")?];
         auth_tokens.extend(cfg.str("auth_token_previous").map(str::to_string));
         let sender = match (cfg.str("from"), cfg.str("messaging_service_sid")) {
-            (Some(from), _) => Sender::From(from.to_string()),
+            (Some(from), _) => Sender::From(own_number(&cfg.id, from)?),
             (None, Some(sid)) => Sender::MessagingService(sid.to_string()),
             (None, None) => {
                 return Err(format!(
@@ -1077,6 +1089,21 @@ mod tests {
             SmsChannel::new(&c, PUBLIC_URL).err().unwrap(),
             "channel sms-main: from or messaging_service_sid: set one of them"
         );
+        let mut c = cfg();
+        c.settings.insert("from".into(), "5035550100".into());
+        assert_eq!(
+            SmsChannel::new(&c, PUBLIC_URL).err().unwrap(),
+            "channel sms-main: from: not a phone number in E.164 form (+, country code, number): 5035550100"
+        );
+    }
+
+    /// The channel's number is sent to Twilio in E.164 form, however written.
+    #[test]
+    fn the_channels_number_is_kept_in_e164_form() {
+        let mut c = cfg();
+        c.settings.insert("from".into(), "+1 (503) 555-0100".into());
+        let ch = SmsChannel::new(&c, PUBLIC_URL).unwrap();
+        assert!(matches!(&ch.sender, Sender::From(n) if n == "+15035550100"));
     }
 
     #[test]
