@@ -82,8 +82,8 @@ static PHONE_CACHE: std::sync::LazyLock<quick_cache::sync::Cache<String, Option<
 
 /// How many compiled patterns libphonenumber keeps. Its own default, 100,
 /// holds about 25 countries' (40 countries used 164): past that, every new
-/// number paid for compiling its country's patterns again, 3–6 ms against
-/// 40–60 µs with room for them. A pattern takes about 60 KB once compiled,
+/// number paid for compiling its country's patterns again, 3–4 ms against
+/// 45–105 µs with room for them. A pattern takes about 60 KB once compiled,
 /// and only the countries that customers write from are compiled.
 const PATTERNS_KEPT: usize = 1000;
 
@@ -151,7 +151,7 @@ impl PhoneNumber {
     /// Loads libphonenumber's metadata now. It is built on first use from
     /// thousands of patterns (120–170 ms on a 2-core machine), which would
     /// otherwise fall inside the first SMS webhook after a start. A
-    /// country's patterns are compiled when first used (about 10 ms).
+    /// country's patterns are compiled when first used (10–25 ms).
     pub fn load_metadata() {
         std::sync::LazyLock::force(&METADATA);
     }
