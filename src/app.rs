@@ -233,23 +233,13 @@ impl Application {
         };
         let sink_log = smtp_sink.as_ref().map(|s| web::Data::from(s.log()));
         let settings = settings.validate()?;
-        let own_numbers: Vec<String> = settings
-            .channels
-            .iter()
-            .filter(|c| c.kind == ChannelKind::Sms)
-            .map(|c| c.str("from").unwrap_or_default().to_string())
-            .collect();
-        if !own_numbers.is_empty() {
-            // Before the first webhook, not inside it: the metadata, and the
-            // patterns of each channel's own country (most customers write
-            // from there), which are compiled when first used.
-            tokio::task::spawn_blocking(move || {
-                crate::domain::PhoneNumber::load_metadata();
-                for n in own_numbers {
-                    let _ = crate::domain::PhoneNumber::parse(&n);
-                }
-            })
-            .await?;
+        if settings.channels.iter().any(|c| c.kind == ChannelKind::Sms) {
+            // The phone-number metadata before the first webhook, not inside
+            // it. Validation has already parsed each channel's own number
+            // (`from`), which compiled the patterns of its country, where
+            // most customers write from; a channel sending through a
+            // messaging service has none.
+            tokio::task::spawn_blocking(crate::domain::PhoneNumber::load_metadata).await?;
         }
         let store = open_store(&settings).await?;
         let media_secret = media_secret(&store).await?;

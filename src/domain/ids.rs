@@ -137,7 +137,7 @@ impl PhoneNumber {
         let parsed = phonenumber::parse(None, trimmed).map_err(|_| invalid())?;
         let e164 = parsed.format().mode(phonenumber::Mode::E164).to_string();
         let digits = e164.len() - 1;
-        if (7..=15).contains(&digits) && e164[1..].bytes().all(|b| b.is_ascii_digit()) {
+        if (7..=15).contains(&digits) {
             Ok(PhoneNumber(e164))
         } else {
             Err(invalid())
