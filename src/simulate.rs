@@ -193,7 +193,7 @@ mod tests {
         let raw = crate::adapters::RawRequest {
             path: &req.path,
             query: "",
-            headers: &req.headers,
+            headers: (&req.headers).into(),
             content_type: &req.content_type,
             body: &req.body,
         };

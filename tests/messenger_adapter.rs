@@ -481,7 +481,7 @@ fn intake(ch: &MessengerChannel, sim: &SimulatedRequest) -> Result<Vec<Inbound>,
     let req = RawRequest {
         path: &sim.path,
         query: "",
-        headers: &sim.headers,
+        headers: (&sim.headers).into(),
         content_type: &sim.content_type,
         body: &sim.body,
     };

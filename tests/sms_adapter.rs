@@ -617,7 +617,7 @@ async fn simulated_inbound_is_accepted_and_normalized() {
     let req = RawRequest {
         path: &sim.path,
         query: "",
-        headers: &sim.headers,
+        headers: (&sim.headers).into(),
         content_type: &sim.content_type,
         body: &sim.body,
     };

@@ -937,7 +937,7 @@ fn intake(ch: &XChannel, sim: &SimulatedRequest) -> Result<Vec<Inbound>, IntakeE
     let req = RawRequest {
         path: &sim.path,
         query: "",
-        headers: &sim.headers,
+        headers: (&sim.headers).into(),
         content_type: &sim.content_type,
         body: &sim.body,
     };

@@ -598,7 +598,7 @@ fn through(ch: &WhatsAppChannel, sim: &SimulatedRequest) -> Vec<Inbound> {
     let req = RawRequest {
         path: &sim.path,
         query: "",
-        headers: &sim.headers,
+        headers: (&sim.headers).into(),
         content_type: &sim.content_type,
         body: &sim.body,
     };
@@ -667,7 +667,7 @@ async fn simulated_webhooks_are_verified_and_normalized_by_the_adapter() {
     let req = RawRequest {
         path: &sim.path,
         query: "",
-        headers: &sim.headers,
+        headers: (&sim.headers).into(),
         content_type: &sim.content_type,
         body: &sim.body,
     };

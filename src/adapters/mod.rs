@@ -27,6 +27,7 @@ pub mod whatsapp;
 use crate::domain::DeliveryStatus;
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
+use std::borrow::Cow;
 use std::time::Duration;
 
 /// A webhook request as it arrived: nothing in it is trusted yet.
@@ -36,18 +37,58 @@ pub struct RawRequest<'a> {
     pub path: &'a str,
     /// The raw query string, without `?`.
     pub query: &'a str,
-    /// Header lookup by lower-case name.
-    pub headers: &'a [(String, String)],
+    /// Header lookup by name (any case).
+    pub headers: Headers<'a>,
     pub content_type: &'a str,
     pub body: &'a [u8],
 }
 
+/// A request's headers as names and values: owned (a simulated request) or
+/// borrowed from the HTTP server's own map (a webhook, which then copies no
+/// header).
+#[derive(Debug, Clone, Copy)]
+pub enum Headers<'a> {
+    Owned(&'a [(String, String)]),
+    Borrowed(&'a [(&'a str, &'a str)]),
+}
+
+impl<'a> From<&'a [(String, String)]> for Headers<'a> {
+    fn from(h: &'a [(String, String)]) -> Headers<'a> {
+        Headers::Owned(h)
+    }
+}
+
+impl<'a> From<&'a Vec<(String, String)>> for Headers<'a> {
+    fn from(h: &'a Vec<(String, String)>) -> Headers<'a> {
+        Headers::Owned(h)
+    }
+}
+
+impl<'a> From<&'a [(&'a str, &'a str)]> for Headers<'a> {
+    fn from(h: &'a [(&'a str, &'a str)]) -> Headers<'a> {
+        Headers::Borrowed(h)
+    }
+}
+
+impl<'a> Headers<'a> {
+    /// The first value of the header `name` (any case).
+    pub fn get(&self, name: &str) -> Option<&'a str> {
+        match *self {
+            Headers::Owned(h) => h
+                .iter()
+                .find(|(k, _)| k.eq_ignore_ascii_case(name))
+                .map(|(_, v)| v.as_str()),
+            Headers::Borrowed(h) => h
+                .iter()
+                .find(|(k, _)| k.eq_ignore_ascii_case(name))
+                .map(|(_, v)| *v),
+        }
+    }
+}
+
 impl<'a> RawRequest<'a> {
     pub fn header(&self, name: &str) -> Option<&'a str> {
-        self.headers
-            .iter()
-            .find(|(k, _)| k.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
+        self.headers.get(name)
     }
 }
 
@@ -68,7 +109,7 @@ pub struct SimulatedRequest {
 pub struct Verified<'a> {
     body: &'a [u8],
     content_type: &'a str,
-    form: Option<Vec<(String, String)>>,
+    form: Option<sms::form::Pairs<'a>>,
 }
 
 impl<'a> Verified<'a> {
@@ -82,14 +123,14 @@ impl<'a> Verified<'a> {
     }
     /// The same, keeping the form fields `verify` already parsed so that
     /// `normalize` need not parse the body again.
-    pub(crate) fn with_form(req: &RawRequest<'a>, form: Vec<(String, String)>) -> Verified<'a> {
+    pub(crate) fn with_form(req: &RawRequest<'a>, form: sms::form::Pairs<'a>) -> Verified<'a> {
         Verified {
             form: Some(form),
             ..Verified::new(req)
         }
     }
     /// The form fields `verify` parsed, if it kept them.
-    pub fn form(&self) -> Option<&[(String, String)]> {
+    pub fn form(&self) -> Option<&[(Cow<'a, str>, Cow<'a, str>)]> {
         self.form.as_deref()
     }
     pub fn body(&self) -> &'a [u8] {

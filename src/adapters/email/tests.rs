@@ -255,7 +255,7 @@ fn request<'a>(headers: &'a [(String, String)], body: &'a [u8]) -> RawRequest<'a
     RawRequest {
         path: "/webhooks/mail",
         query: "",
-        headers,
+        headers: headers.into(),
         content_type: "message/rfc822",
         body,
     }

@@ -298,7 +298,7 @@ mod tests {
         RawRequest {
             path: "/webhooks/facebook-main",
             query: "",
-            headers,
+            headers: headers.into(),
             content_type: "application/json",
             body,
         }
@@ -312,7 +312,7 @@ mod tests {
         let req = RawRequest {
             path: &sim.path,
             query: "",
-            headers: &sim.headers,
+            headers: (&sim.headers).into(),
             content_type: &sim.content_type,
             body: &sim.body,
         };

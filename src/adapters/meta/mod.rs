@@ -267,7 +267,7 @@ mod tests {
         RawRequest {
             path: "/webhooks/wa",
             query: "",
-            headers,
+            headers: headers.into(),
             content_type: "application/json",
             body,
         }

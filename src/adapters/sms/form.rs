@@ -4,8 +4,16 @@
 //! U+FFFD without a word; a webhook whose text would be silently changed
 //! should be refused instead, so we decode by hand.
 
+use std::borrow::Cow;
+
+/// A form's pairs in order, names and values decoded: borrowed from the
+/// body where there was nothing to decode (most names, and values such as
+/// IDs and numbers), so a webhook's twenty-odd fields cost no allocation
+/// each.
+pub type Pairs<'a> = Vec<(Cow<'a, str>, Cow<'a, str>)>;
+
 /// The pairs of a form body in order, names and values decoded.
-pub fn parse(body: &[u8]) -> Result<Vec<(String, String)>, String> {
+pub fn parse(body: &[u8]) -> Result<Pairs<'_>, String> {
     let text = std::str::from_utf8(body).map_err(|_| "the form body is not UTF-8".to_string())?;
     let mut pairs = vec![];
     for part in text.split('&').filter(|p| !p.is_empty()) {
@@ -21,11 +29,11 @@ fn hex(b: u8) -> Option<u8> {
 
 /// Percent-decodes one name or value, `+` meaning space. A `%` not followed
 /// by two hex digits is kept as it is, as browsers and Twilio's SDKs do.
-fn decode(s: &str) -> Result<String, String> {
+fn decode(s: &str) -> Result<Cow<'_, str>, String> {
     let bytes = s.as_bytes();
     if !bytes.iter().any(|b| matches!(b, b'%' | b'+')) {
         // Nothing to decode: the text is already checked UTF-8.
-        return Ok(s.to_string());
+        return Ok(Cow::Borrowed(s));
     }
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
@@ -43,7 +51,9 @@ fn decode(s: &str) -> Result<String, String> {
         }
         i += 1;
     }
-    String::from_utf8(out).map_err(|_| format!("a form field is not UTF-8 once decoded: {s}"))
+    String::from_utf8(out)
+        .map(Cow::Owned)
+        .map_err(|_| format!("a form field is not UTF-8 once decoded: {s}"))
 }
 
 #[cfg(test)]
@@ -51,7 +61,19 @@ mod tests {
     use super::*;
 
     fn p(s: &str) -> Vec<(String, String)> {
-        parse(s.as_bytes()).unwrap()
+        parse(s.as_bytes())
+            .unwrap()
+            .into_iter()
+            .map(|(n, v)| (n.into_owned(), v.into_owned()))
+            .collect()
+    }
+
+    #[test]
+    fn fields_with_nothing_to_decode_are_borrowed() {
+        let pairs = parse(b"MessageSid=SM1&Body=a+b").unwrap();
+        assert!(matches!(pairs[0].0, Cow::Borrowed("MessageSid")));
+        assert!(matches!(pairs[0].1, Cow::Borrowed("SM1")));
+        assert!(matches!(&pairs[1].1, Cow::Owned(v) if v == "a b"));
     }
 
     #[test]

@@ -23,10 +23,10 @@ type HmacSha1 = Hmac<Sha1>;
 
 /// The string Twilio signs: the URL, then each parameter as `name + value`,
 /// names sorted, repeated names' values sorted and de-duplicated.
-pub fn string_to_sign(url: &str, params: &[(String, String)]) -> String {
+pub fn string_to_sign<N: AsRef<str>, V: AsRef<str>>(url: &str, params: &[(N, V)]) -> String {
     let mut pairs: Vec<(&str, &str)> = params
         .iter()
-        .map(|(n, v)| (n.as_str(), v.as_str()))
+        .map(|(n, v)| (n.as_ref(), v.as_ref()))
         .collect();
     pairs.sort_unstable();
     pairs.dedup();
@@ -40,7 +40,7 @@ pub fn string_to_sign(url: &str, params: &[(String, String)]) -> String {
     s
 }
 
-fn mac(auth_token: &str, url: &str, params: &[(String, String)]) -> HmacSha1 {
+fn mac<N: AsRef<str>, V: AsRef<str>>(auth_token: &str, url: &str, params: &[(N, V)]) -> HmacSha1 {
     mac_of(auth_token, url, &string_to_sign("", params))
 }
 
@@ -54,7 +54,11 @@ fn mac_of(auth_token: &str, url: &str, sorted_params: &str) -> HmacSha1 {
 }
 
 /// The `X-Twilio-Signature` Twilio sends for these exact URL and parameters.
-pub fn compute(auth_token: &str, url: &str, params: &[(String, String)]) -> String {
+pub fn compute<N: AsRef<str>, V: AsRef<str>>(
+    auth_token: &str,
+    url: &str,
+    params: &[(N, V)],
+) -> String {
     base64::engine::general_purpose::STANDARD
         .encode(mac(auth_token, url, params).finalize().into_bytes())
 }
@@ -105,10 +109,10 @@ pub fn without_port(url: &str) -> String {
 /// Whether `signature` is Twilio's signature of the URL and parameters with
 /// any of `auth_tokens` (the current one first; a previous one during a
 /// rotation), the URL taken with and without its port. Compared in constant time.
-pub fn validate(
+pub fn validate<N: AsRef<str>, V: AsRef<str>>(
     auth_tokens: &[&str],
     url: &str,
-    params: &[(String, String)],
+    params: &[(N, V)],
     signature: &str,
 ) -> bool {
     let Ok(given) = base64::engine::general_purpose::STANDARD.decode(signature.trim()) else {
@@ -298,8 +302,11 @@ mod tests {
         let hash = "0a1ff7634d9ab3b95db5c9a2dfe9416e41502b283a80c7cf19632632f96e6620";
         assert_eq!(hex::encode(Sha256::digest(body)), hash);
         let url = format!("{URL}&bodySHA256={hash}");
-        assert_eq!(compute(TOKEN, &url, &[]), "a9nBmqA0ju/hNViExpshrM61xv4=");
-        assert!(validate(
+        assert_eq!(
+            compute::<&str, &str>(TOKEN, &url, &[]),
+            "a9nBmqA0ju/hNViExpshrM61xv4="
+        );
+        assert!(validate::<&str, &str>(
             &[TOKEN],
             &url,
             &[],

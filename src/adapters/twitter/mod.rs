@@ -429,7 +429,7 @@ mod tests {
         RawRequest {
             path: "/webhooks/x-main",
             query: "",
-            headers,
+            headers: headers.into(),
             content_type: "application/json",
             body,
         }
@@ -538,7 +538,7 @@ mod tests {
         let req = RawRequest {
             path: &sim.path,
             query: "",
-            headers: &sim.headers,
+            headers: (&sim.headers).into(),
             content_type: &sim.content_type,
             body: &sim.body,
         };

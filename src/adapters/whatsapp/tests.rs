@@ -98,7 +98,7 @@ fn raw<'a>(headers: &'a [(String, String)], body: &'a [u8]) -> RawRequest<'a> {
     RawRequest {
         path: "/webhooks/wa-main",
         query: "",
-        headers,
+        headers: headers.into(),
         content_type: "application/json",
         body,
     }
@@ -893,7 +893,7 @@ fn through_the_adapter(sim: &SimulatedRequest) -> Vec<Inbound> {
     let req = RawRequest {
         path: &sim.path,
         query: "",
-        headers: &sim.headers,
+        headers: (&sim.headers).into(),
         content_type: &sim.content_type,
         body: &sim.body,
     };

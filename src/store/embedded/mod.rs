@@ -602,7 +602,10 @@ struct Prepared {
     /// The version the stored interaction must have.
     expected: u64,
     header: Vec<u8>,
-    fresh: Vec<Option<Vec<u8>>>,
+    /// The JSON of each message no other copy shares, by index, in order
+    /// (usually the one just added: nothing is collected per message the
+    /// conversation already had).
+    fresh: Vec<(usize, Vec<u8>)>,
 }
 
 impl Prepared {
@@ -615,7 +618,9 @@ impl Prepared {
         let fresh = i
             .messages
             .iter()
-            .map(|m| (Arc::strong_count(m) == 1).then(|| json(&**m)))
+            .enumerate()
+            .filter(|(_, m)| Arc::strong_count(m) == 1)
+            .map(|(index, m)| (index, json(&**m)))
             .collect();
         Prepared {
             interaction: i,
@@ -627,15 +632,17 @@ impl Prepared {
 
     /// The ops that store it over `old`: the header, and each message that
     /// differs from the stored one.
-    fn ops(mut self, ops: &mut Vec<Op>, old: Option<&Interaction>) -> Interaction {
+    fn ops(self, ops: &mut Vec<Op>, old: Option<&Interaction>) -> Interaction {
         let case = self.interaction.case_number;
         ops.push(Op::Interaction(case, self.header));
         let old = old.map(|o| o.messages.as_slice()).unwrap_or_default();
+        let mut fresh = self.fresh.into_iter().peekable();
         for (index, m) in self.interaction.messages.iter().enumerate() {
+            let row = fresh.next_if(|(n, _)| *n == index).map(|(_, row)| row);
             // A message that was not touched is the same allocation as the stored one.
             let same = old.get(index).is_some_and(|o| Arc::ptr_eq(o, m) || o == m);
             if !same {
-                let row = self.fresh[index].take().unwrap_or_else(|| json(&**m));
+                let row = row.unwrap_or_else(|| json(&**m));
                 ops.push(Op::Message(case, index as u32, row));
             }
         }
