@@ -1644,3 +1644,211 @@ async fn redis_follower_stops_when_the_store_is_dropped() {
     }
     panic!("the follower is still connected 2 s after the store was dropped");
 }
+
+/// The fields of an interaction's hash, and its message list, as Redis holds them.
+async fn redis_layout(
+    conn: &mut redis::aio::MultiplexedConnection,
+    prefix: &str,
+    case: u64,
+) -> (Vec<String>, Vec<serde_json::Value>) {
+    let mut fields: Vec<String> = redis::cmd("HKEYS")
+        .arg(format!("{prefix}:interaction:{case}"))
+        .query_async(conn)
+        .await
+        .unwrap();
+    fields.sort();
+    let list: Vec<String> = redis::cmd("LRANGE")
+        .arg(format!("{prefix}:interaction:{case}:messages"))
+        .arg(0)
+        .arg(-1)
+        .query_async(conn)
+        .await
+        .unwrap();
+    let list = list
+        .iter()
+        .map(|m| serde_json::from_str(m).unwrap())
+        .collect();
+    (fields, list)
+}
+
+/// On Redis an interaction is a header plus a list of messages: a new
+/// message is appended and a changed one set in place, and the messages the
+/// commit did not change are not sent again (an entry changed behind the
+/// store's back stays as it was changed).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_writes_only_the_new_and_the_changed_messages() {
+    let (keys, store, mut conn) = redis_store_with_conn().await;
+    let v1 = stored_interaction(&store, "15551234567", "support").await;
+    let case = v1.case_number;
+    let (fields, list) = redis_layout(&mut conn, &keys.prefix, case).await;
+    assert_eq!(fields, ["akey", "head", "qkey", "v"]);
+    assert_eq!(list.len(), 1);
+    assert_eq!(list[0]["text"], "Hi, my order #4411 has not arrived");
+
+    // Marks the first entry behind the store's back: only a rewrite of it
+    // would undo the mark.
+    let mut marked = list[0].clone();
+    marked["text"] = "marked".into();
+    let _: () = redis::cmd("LSET")
+        .arg(format!("{}:interaction:{case}:messages", keys.prefix))
+        .arg(0)
+        .arg(marked.to_string())
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let mut v2 = v1.clone();
+    let now = Utc::now();
+    v2.receive(inbound("and it is still missing", now), now, false);
+    store
+        .commit(Commit {
+            interaction: Some(v2),
+            ..Commit::default()
+        })
+        .await
+        .unwrap();
+    let (_, list) = redis_layout(&mut conn, &keys.prefix, case).await;
+    let texts: Vec<_> = list.iter().map(|m| m["text"].clone()).collect();
+    assert_eq!(texts, ["marked", "and it is still missing"]);
+
+    // A change to the first message (a reaction) is set over it, in place.
+    let mut v3 = store.interaction(case).await.unwrap().unwrap();
+    assert_eq!(v3.version, 2);
+    Arc::make_mut(&mut v3.messages[0]).text = "changed".into();
+    store
+        .commit(Commit {
+            interaction: Some(v3),
+            ..Commit::default()
+        })
+        .await
+        .unwrap();
+    let (_, list) = redis_layout(&mut conn, &keys.prefix, case).await;
+    let texts: Vec<_> = list.iter().map(|m| m["text"].clone()).collect();
+    assert_eq!(texts, ["changed", "and it is still missing"]);
+    let read = store.interaction(case).await.unwrap().unwrap();
+    assert_eq!(read.version, 3);
+    assert_eq!(read.messages.len(), 2);
+    assert_eq!(read.messages[0].text, "changed");
+    assert_eq!(
+        store
+            .interactions_for(&["support".into()], None)
+            .await
+            .unwrap(),
+        vec![read]
+    );
+}
+
+/// A message list that no longer holds what the commit's copy was read
+/// from is a conflict: nothing is written, and a fresh read commits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_a_message_list_changed_since_it_was_read_is_a_conflict() {
+    let (keys, store, mut conn) = redis_store_with_conn().await;
+    let v1 = stored_interaction(&store, "15551234567", "support").await;
+    let case = v1.case_number;
+    let _: () = redis::cmd("RPUSH")
+        .arg(format!("{}:interaction:{case}:messages", keys.prefix))
+        .arg(serde_json::to_string(&inbound("pushed by hand", Utc::now())).unwrap())
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let mut v2 = v1.clone();
+    let now = Utc::now();
+    v2.receive(inbound("and it is still missing", now), now, false);
+    let refused = store
+        .commit(Commit {
+            interaction: Some(v2),
+            ..Commit::default()
+        })
+        .await;
+    assert!(matches!(refused, Err(StoreError::Conflict)), "{refused:?}");
+    let read = store.interaction(case).await.unwrap().unwrap();
+    assert_eq!(read.version, 1);
+    assert_eq!(read.messages.len(), 2);
+
+    let mut v2 = read;
+    v2.receive(inbound("and it is still missing", now), now, false);
+    store
+        .commit(Commit {
+            interaction: Some(v2),
+            ..Commit::default()
+        })
+        .await
+        .unwrap();
+    let (_, list) = redis_layout(&mut conn, &keys.prefix, case).await;
+    let texts: Vec<_> = list.iter().map(|m| m["text"].clone()).collect();
+    assert_eq!(
+        texts,
+        [
+            "Hi, my order #4411 has not arrived",
+            "pushed by hand",
+            "and it is still missing"
+        ]
+    );
+}
+
+/// An interaction an older gateway stored whole (messages inside the
+/// document, field `json`) is read as it is, listed, and moved to the
+/// header-plus-list layout by its next change.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_an_interaction_stored_whole_by_an_older_gateway_is_read_and_moved() {
+    let (keys, store, mut conn) = redis_store_with_conn().await;
+    let first = first_message(&store, "15551234567", "support").await;
+    let case = first.interaction.case_number;
+    let mut old = first.interaction.clone();
+    old.version = 1;
+    let now = Utc::now();
+    old.receive(inbound("second, stored whole", now), now, false);
+    let queue_key = format!("{}:queue:support", keys.prefix);
+    let _: () = redis::cmd("HSET")
+        .arg(format!("{}:interaction:{case}", keys.prefix))
+        .arg("v")
+        .arg("1")
+        .arg("json")
+        .arg(serde_json::to_string(&old).unwrap())
+        .arg("qkey")
+        .arg(&queue_key)
+        .arg("akey")
+        .arg("")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let _: () = redis::cmd("SADD")
+        .arg(&queue_key)
+        .arg(case)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+
+    let read = store.interaction(case).await.unwrap().unwrap();
+    assert_eq!(read, old);
+    assert_eq!(
+        store
+            .interactions_for(&["support".into()], None)
+            .await
+            .unwrap(),
+        vec![old.clone()]
+    );
+
+    let mut next = read;
+    next.receive(inbound("third, after the upgrade", now), now, false);
+    store
+        .commit(Commit {
+            interaction: Some(next),
+            ..Commit::default()
+        })
+        .await
+        .unwrap();
+    let (fields, list) = redis_layout(&mut conn, &keys.prefix, case).await;
+    assert_eq!(fields, ["akey", "head", "qkey", "v"]);
+    let texts: Vec<_> = list.iter().map(|m| m["text"].clone()).collect();
+    assert_eq!(
+        texts,
+        [
+            "Hi, my order #4411 has not arrived",
+            "second, stored whole",
+            "third, after the upgrade"
+        ]
+    );
+    let read = store.interaction(case).await.unwrap().unwrap();
+    assert_eq!(read.version, 2);
+    assert_eq!(read.messages.len(), 3);
+}

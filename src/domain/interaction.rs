@@ -279,6 +279,46 @@ pub struct Interaction {
     pub subject: Option<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub messages: Vec<Arc<Message>>,
+    /// The messages as the store handed them out (see [`StoredMessages`]).
+    #[serde(skip)]
+    pub stored: StoredMessages,
+}
+
+/// The messages of an interaction as a store read them, shared with the
+/// interaction rather than copied. Messages change copy-on-write, so a
+/// message that is still the same allocation as its stored copy did not
+/// change: a store that writes an interaction's messages one by one (Redis)
+/// writes only the new and the changed ones. It is not part of the
+/// interaction's value: never serialized, equal to any other, and empty
+/// for an interaction no store has handed out (every message is then new).
+#[derive(Clone, Default)]
+pub struct StoredMessages(Option<Arc<[Arc<Message>]>>);
+
+impl StoredMessages {
+    /// The messages as they are now, as a store hands them out.
+    pub fn of(messages: &[Arc<Message>]) -> StoredMessages {
+        StoredMessages(Some(messages.into()))
+    }
+
+    /// The stored messages, or `None` when the store did not say.
+    pub fn get(&self) -> Option<&[Arc<Message>]> {
+        self.0.as_deref()
+    }
+}
+
+impl PartialEq for StoredMessages {
+    fn eq(&self, _: &StoredMessages) -> bool {
+        true
+    }
+}
+
+impl std::fmt::Debug for StoredMessages {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.0 {
+            Some(m) => write!(f, "StoredMessages({})", m.len()),
+            None => f.write_str("StoredMessages(none)"),
+        }
+    }
 }
 
 /// What an event says happened, before the store gives it an ID. Its
@@ -414,6 +454,7 @@ impl Interaction {
             disposition: None,
             subject: None,
             messages: vec![],
+            stored: StoredMessages::default(),
         }
     }
 

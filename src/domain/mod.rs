@@ -7,7 +7,7 @@ pub mod time;
 pub use ids::{new_id, new_secret, ChannelKind, DigitalId, EmailAddress, PhoneNumber};
 pub use interaction::{
     Actor, Attachment, ChannelRef, DeliveryStatus, Direction, Disposition, EventDraft, Interaction,
-    Message, NewInteraction, Refusal, Status,
+    Message, NewInteraction, Refusal, Status, StoredMessages,
 };
 
 use chrono::{DateTime, Utc};

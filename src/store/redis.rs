@@ -4,7 +4,8 @@
 //!
 //! | key | type | holds |
 //! | --- | --- | --- |
-//! | `{p}:interaction:{case}` | hash | `v` (version), `json`, `qkey` / `akey` (the index sets it is in) |
+//! | `{p}:interaction:{case}` | hash | `v` (version), `head` (the interaction's JSON without its messages), `qkey` / `akey` (the index sets it is in) |
+//! | `{p}:interaction:{case}:messages` | list | the interaction's messages in order, one JSON document each |
 //! | `{p}:queue:{queue}` | set | case numbers of the interactions in that queue |
 //! | `{p}:assigned:{agent}` | set | case numbers of the interactions assigned to that agent |
 //! | `{p}:contact:{contact key}` | hash | `v` (version), `json` |
@@ -19,6 +20,16 @@
 //! | `{p}:notes:{agent}` | hash | contact ID → that agent's private notes |
 //! | `{p}:kv:{key}` | string | small shared values |
 //! | `{p}:lease:{name}` | string | the lease owner, expiring with the lease |
+//!
+//! An interaction is stored as a header plus its messages, so that a new
+//! message costs one `RPUSH` and a changed one an `LSET`, however long the
+//! conversation: the commit sends only the messages that are not the same
+//! allocation as the ones the store handed out
+//! ([`crate::domain::StoredMessages`]). An interaction written by an older
+//! gateway (the whole document, messages included, in the field `json`) is
+//! read as it is and rewritten in the new layout on its next change; an
+//! older gateway cannot read the new layout, so every process sharing the
+//! Redis is upgraded together.
 //!
 //! [`Store::commit`] is one Lua script ([`COMMIT_LUA`]): it checks every claim
 //! and version first and returns before writing anything when one fails, so a
@@ -39,7 +50,7 @@
 //! replicas), not Redis Cluster.
 
 use super::{Commit, OutboxJob, OutboxRecord, Store, StoreError, StoreResult};
-use crate::domain::{parse_event_id, Contact, Event, Interaction};
+use crate::domain::{parse_event_id, Contact, Event, Interaction, Message, StoredMessages};
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use deadpool_redis::{Config, Pool, PoolConfig, Runtime, Timeouts};
@@ -63,8 +74,9 @@ const POOL_TIMEOUT: Duration = Duration::from_secs(5);
 /// The commit, checked then applied. `ARGV[1]` is the commit's plan as JSON
 /// ([`CommitPlan`], built by [`RedisStore::commit`]); the documents it
 /// stores follow as arguments of their own, so that Redis stores them
-/// without decoding them: `ARGV[2]` the interaction's JSON, `ARGV[3]` the
-/// contact's, then each event's and each outbox job's, in the plan's order.
+/// without decoding them: `ARGV[2]` the interaction's header (its JSON
+/// without messages), `ARGV[3]` the contact's, then each event's, each
+/// outbox job's and each written message's, in the plan's order.
 /// Every string that Redis parses as a number (versions, scores, case
 /// numbers) travels as a string, because Lua numbers lose digits when passed
 /// back to `redis.call`.
@@ -74,8 +86,9 @@ const POOL_TIMEOUT: Duration = Duration::from_secs(5);
 const COMMIT_LUA: &str = r#"
 local c = cjson.decode(ARGV[1])
 local interaction_json, contact_json = ARGV[2], ARGV[3]
--- ARGV[4 ..]: the events' JSON, then the outbox jobs'.
+-- ARGV[4 ..]: the events' JSON, then the outbox jobs', then the messages'.
 local first_job = 4 + c.events
+local first_message = first_job + #c.outbox_add
 
 -- 1. Check everything. Nothing below this block runs unless all of it holds.
 for _, cl in ipairs(c.claims) do
@@ -87,8 +100,21 @@ if c.contact then
   if cur ~= c.contact.expect then return {'conflict'} end
 end
 if c.interaction then
-  local cur = redis.call('HGET', c.interaction.key, 'v') or '0'
-  if cur ~= c.interaction.expect then return {'conflict'} end
+  local it = c.interaction
+  local cur = redis.call('HGET', it.key, 'v') or '0'
+  if cur ~= it.expect then return {'conflict'} end
+  -- Written one by one over the list as it was read: it must still hold
+  -- that many, and each message goes over one of them or right after.
+  local len = 0
+  if not it.rewrite then
+    len = tonumber(it.stored)
+    if redis.call('LLEN', it.mkey) ~= len then return {'conflict'} end
+  end
+  for _, idx in ipairs(it.messages) do
+    local i = tonumber(idx)
+    if i > len then return redis.error_reply('message ' .. idx .. ' is past the end of the list') end
+    if i == len then len = len + 1 end
+  end
 end
 
 -- 2. Events first: XADD is the only write that could fail (an ID not above
@@ -158,7 +184,24 @@ if c.interaction then
   if old_a and old_a ~= '' and old_a ~= it.akey then redis.call('SREM', old_a, it.case) end
   redis.call('SADD', it.qkey, it.case)
   if it.akey ~= '' then redis.call('SADD', it.akey, it.case) end
-  redis.call('HSET', it.key, 'v', it.next, 'json', interaction_json, 'qkey', it.qkey, 'akey', it.akey)
+  local len = 0
+  if it.rewrite then
+    redis.call('DEL', it.mkey)
+  else
+    len = tonumber(it.stored)
+  end
+  for n, idx in ipairs(it.messages) do
+    local i = tonumber(idx)
+    if i < len then
+      redis.call('LSET', it.mkey, i, ARGV[first_message + n - 1])
+    else
+      redis.call('RPUSH', it.mkey, ARGV[first_message + n - 1])
+      len = len + 1
+    end
+  end
+  redis.call('HSET', it.key, 'v', it.next, 'head', interaction_json, 'qkey', it.qkey, 'akey', it.akey)
+  -- The whole document an older gateway wrote, if any, is superseded.
+  redis.call('HDEL', it.key, 'json')
   -- Keep the case counter past every stored case (as the embedded store does).
   local counter = tonumber(redis.call('GET', c.case_counter) or c.case_start)
   if tonumber(it.case) > counter then redis.call('SET', c.case_counter, it.case) end
@@ -183,14 +226,31 @@ redis.call('SET', KEYS[1], ARGV[1], 'NX')
 return redis.call('INCR', KEYS[1])
 "#;
 
+/// One interaction (for [`INTERACTIONS_FOR_LUA`]) as [`read_interaction`] takes it: `{'head', header,
+/// message...}`, `{'json', document}` (written by an older gateway), or
+/// nothing. `key` is its hash; its messages are at `key .. ':messages'`.
+const READ_ONE_LUA: &str = r#"
+local function read_one(key)
+  local h = redis.call('HMGET', key, 'head', 'json')
+  if h[1] then
+    local out = {'head', h[1]}
+    for _, m in ipairs(redis.call('LRANGE', key .. ':messages', 0, -1)) do out[#out + 1] = m end
+    return out
+  elseif h[2] then
+    return {'json', h[2]}
+  end
+  return {}
+end
+"#;
+
 /// KEYS: the index sets to union; ARGV[1]: the interaction key prefix.
 /// One script, so the answer is a consistent snapshot.
 const INTERACTIONS_FOR_LUA: &str = r#"
 local cases = redis.call('SUNION', unpack(KEYS))
 local out = {}
 for _, case in ipairs(cases) do
-  local json = redis.call('HGET', ARGV[1] .. case, 'json')
-  if json then out[#out + 1] = json end
+  local one = read_one(ARGV[1] .. case)
+  if #one > 0 then out[#out + 1] = one end
 end
 return out
 "#;
@@ -250,6 +310,9 @@ impl Keys {
     }
     fn interaction(&self, case: u64) -> String {
         format!("{}:interaction:{case}", self.prefix)
+    }
+    fn messages(&self, case: u64) -> String {
+        format!("{}:interaction:{case}:messages", self.prefix)
     }
     fn queue(&self, queue: &str) -> String {
         format!("{}:queue:{queue}", self.prefix)
@@ -313,7 +376,7 @@ impl Scripts {
         Scripts {
             commit: Script::new(COMMIT_LUA),
             next_case: Script::new(NEXT_CASE_LUA),
-            interactions_for: Script::new(INTERACTIONS_FOR_LUA),
+            interactions_for: Script::new(&format!("{READ_ONE_LUA}{INTERACTIONS_FOR_LUA}")),
             contact_by_id: Script::new(CONTACT_BY_ID_LUA),
             outbox_lease: Script::new(OUTBOX_LEASE_LUA),
             outbox_reschedule: Script::new(OUTBOX_RESCHEDULE_LUA),
@@ -386,6 +449,36 @@ struct InteractionPlan {
     next: String,
     qkey: String,
     akey: String,
+    /// The message list.
+    mkey: String,
+    /// Whether the list is written anew (a new interaction, or one whose
+    /// stored messages are not known) rather than message by message.
+    rewrite: bool,
+    /// How many messages the list held when the interaction was read.
+    stored: String,
+    /// The indexes of the messages written, ascending; their documents
+    /// follow the outbox jobs'.
+    messages: Vec<String>,
+}
+
+/// An interaction from the parts [`READ_ONE_LUA`] returns.
+fn read_interaction(parts: Vec<String>) -> StoreResult<Option<Interaction>> {
+    let mut parts = parts.into_iter();
+    match (parts.next().as_deref(), parts.next()) {
+        (None, _) => Ok(None),
+        (Some("json"), Some(doc)) => parse("interaction", &doc).map(Some),
+        (Some("head"), Some(head)) => {
+            let mut i: Interaction = parse("interaction", &head)?;
+            i.messages = parts
+                .map(|m| parse::<Message>("message", &m).map(Arc::new))
+                .collect::<StoreResult<_>>()?;
+            i.stored = StoredMessages::of(&i.messages);
+            Ok(Some(i))
+        }
+        (kind, _) => Err(unavailable(format!(
+            "unexpected answer reading an interaction: {kind:?}"
+        ))),
+    }
 }
 
 fn json<T: serde::Serialize>(v: &T) -> String {
@@ -666,16 +759,29 @@ impl Store for RedisStore {
             });
         }
         let mut interaction_json = String::new();
-        if let Some(i) = &commit.interaction {
+        let mut message_docs = vec![];
+        if let Some(mut i) = commit.interaction {
             let next = i.version + 1;
-            interaction_json = json(&Interaction {
-                version: next,
-                ..i.clone()
-            });
+            let messages = std::mem::take(&mut i.messages);
+            let expect = std::mem::replace(&mut i.version, next);
+            interaction_json = json(&i);
+            // Only what differs from the list as it was read; all of it when
+            // that is not known, or when messages went missing since.
+            let stored = i.stored.get().filter(|s| s.len() <= messages.len());
+            let mut written = vec![];
+            for (n, m) in messages.iter().enumerate() {
+                let same = stored
+                    .and_then(|s| s.get(n))
+                    .is_some_and(|o| Arc::ptr_eq(o, m) || o == m);
+                if !same {
+                    written.push(n.to_string());
+                    message_docs.push(json(&**m));
+                }
+            }
             plan.interaction = Some(InteractionPlan {
                 key: k.interaction(i.case_number),
                 case: i.case_number.to_string(),
-                expect: i.version.to_string(),
+                expect: expect.to_string(),
                 next: next.to_string(),
                 qkey: k.queue(&i.queue),
                 akey: i
@@ -683,6 +789,10 @@ impl Store for RedisStore {
                     .as_deref()
                     .map(|a| k.assigned(a))
                     .unwrap_or_default(),
+                mkey: k.messages(i.case_number),
+                rewrite: stored.is_none(),
+                stored: stored.map_or(0, <[_]>::len).to_string(),
+                messages: written,
             });
         }
         let mut invocation = self.scripts.commit.prepare_invoke();
@@ -695,6 +805,9 @@ impl Store for RedisStore {
         }
         for j in &commit.outbox_add {
             invocation.arg(json(&OutboxRecord::V1(j.clone())));
+        }
+        for m in &message_docs {
+            invocation.arg(m);
         }
         let mut conn = self.conn().await?;
         let reply: Vec<String> = invocation
@@ -732,11 +845,31 @@ impl Store for RedisStore {
 
     async fn interaction(&self, case_number: u64) -> StoreResult<Option<Interaction>> {
         let mut conn = self.conn().await?;
-        let raw: Option<String> = conn
-            .hget(self.keys.interaction(case_number), "json")
-            .await
-            .map_err(unavailable)?;
-        raw.map(|s| parse("interaction", &s)).transpose()
+        // MULTI/EXEC, so the header and the messages are from one commit;
+        // cheaper for Redis than a script that builds the answer in Lua.
+        let ((head, whole), messages): ((Option<String>, Option<String>), Vec<String>) =
+            redis::pipe()
+                .atomic()
+                .cmd("HMGET")
+                .arg(self.keys.interaction(case_number))
+                .arg("head")
+                .arg("json")
+                .cmd("LRANGE")
+                .arg(self.keys.messages(case_number))
+                .arg(0)
+                .arg(-1)
+                .query_async(&mut conn)
+                .await
+                .map_err(unavailable)?;
+        let parts = match (head, whole) {
+            (Some(head), _) => ["head".to_string(), head]
+                .into_iter()
+                .chain(messages)
+                .collect(),
+            (None, Some(doc)) => vec!["json".to_string(), doc],
+            (None, None) => vec![],
+        };
+        read_interaction(parts)
     }
 
     async fn interactions_for(
@@ -752,7 +885,7 @@ impl Store for RedisStore {
             return Ok(vec![]);
         }
         let mut conn = self.conn().await?;
-        let raw: Vec<String> = self
+        let raw: Vec<Vec<String>> = self
             .scripts
             .interactions_for
             .key(sets)
@@ -760,7 +893,11 @@ impl Store for RedisStore {
             .invoke_async(&mut conn)
             .await
             .map_err(unavailable)?;
-        raw.iter().map(|s| parse("interaction", s)).collect()
+        let mut out = Vec::with_capacity(raw.len());
+        for parts in raw {
+            out.extend(read_interaction(parts)?);
+        }
+        Ok(out)
     }
 
     async fn contact(&self, key: &str) -> StoreResult<Option<Contact>> {
