@@ -450,8 +450,17 @@ impl Gateway {
         let channel_id = &ch.config.id;
         let kind = ch.config.kind;
         let claim_key = format!("msg:{channel_id}:{}", m.provider_id);
-        // Fast path for a provider's retry: no media download, no write.
-        if self.store.lookup(&claim_key).await?.is_some() {
+        // Fast path for a provider's retry: no media download, no write. The
+        // sender's contact is read in the same go; the first attempt below
+        // starts from it.
+        let (claimed, mut known) = self
+            .store
+            .lookup_and_contact(
+                &claim_key,
+                &contact_key(kind, channel_id, digital_id.as_str()),
+            )
+            .await?;
+        if claimed.is_some() {
             return Ok(false);
         }
         // Files are stored before the commit that refers to them; an
@@ -483,9 +492,13 @@ impl Gateway {
         }
         for _ in 0..MAX_RETRIES {
             let now = Utc::now();
-            let mut contact = self
-                .find_or_new_contact(ch, &digital_id, &aliases, now)
-                .await?;
+            let mut contact = match known.take() {
+                Some(c) => c,
+                None => {
+                    self.find_or_new_contact(ch, &digital_id, &aliases, now)
+                        .await?
+                }
+            };
             let as_read = (contact.version > 0).then(|| contact.clone());
             let mut index = vec![];
             for alias in &aliases {

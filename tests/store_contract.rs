@@ -120,6 +120,7 @@ contract!(
     an_unchanged_contact_is_checked_but_not_rewritten,
     concurrent_commits_of_one_version_let_exactly_one_win,
     claim_is_taken_once_and_keeps_its_first_value,
+    a_claim_and_a_contact_are_read_together,
     commit_with_one_duplicate_claim_writes_nothing,
     index_entries_overwrite_and_answer_lookups,
     event_ids_strictly_increase_and_page_with_after,
@@ -570,6 +571,32 @@ async fn claim_is_taken_once_and_keeps_its_first_value(store: DynStore) {
         Some("1001:first")
     );
     assert_eq!(store.lookup("msg:wa-main:other").await.unwrap(), None);
+}
+
+/// What receiving a message reads first, in one go: the claim (is this a
+/// retry?) and the sender's contact, each answered as on its own.
+async fn a_claim_and_a_contact_are_read_together(store: DynStore) {
+    let first = first_message(&store, "15551234567", "support").await;
+    let (claim, contact) = (&first.claim.key, &first.contact.key);
+    assert_eq!(
+        store.lookup_and_contact(claim, contact).await.unwrap(),
+        (None, None)
+    );
+    store.commit(first.commit()).await.unwrap();
+    let (held, read) = store.lookup_and_contact(claim, contact).await.unwrap();
+    assert_eq!(held, Some(first.claim.value.clone()));
+    assert_eq!(read, store.contact(contact).await.unwrap());
+    assert_eq!(read.map(|c| c.version), Some(1));
+    let (held, read) = store
+        .lookup_and_contact("msg:wa-main:other", contact)
+        .await
+        .unwrap();
+    assert_eq!((held, read.is_some()), (None, true));
+    let (held, read) = store
+        .lookup_and_contact(claim, "whatsapp:15550000000")
+        .await
+        .unwrap();
+    assert_eq!((held.is_some(), read), (true, None));
 }
 
 /// A webhook retried while the first delivery is being stored must not

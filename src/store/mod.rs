@@ -102,6 +102,17 @@ pub trait Store: Send + Sync + 'static {
     async fn contact_by_id(&self, id: &str) -> StoreResult<Option<Contact>>;
     /// The value a claim or index entry holds.
     async fn lookup(&self, key: &str) -> StoreResult<Option<String>>;
+    /// [`Store::lookup`] of `claim` and [`Store::contact`] of `contact_key`
+    /// together: what receiving a message reads first (on Redis, one round
+    /// trip instead of two). Neither read waits for the other, so the two
+    /// may be a moment apart; a commit checks the contact's version anyway.
+    async fn lookup_and_contact(
+        &self,
+        claim: &str,
+        contact_key: &str,
+    ) -> StoreResult<(Option<String>, Option<Contact>)> {
+        Ok((self.lookup(claim).await?, self.contact(contact_key).await?))
+    }
 
     async fn note(&self, agent: &str, contact_id: &str) -> StoreResult<Option<String>>;
     async fn put_note(&self, agent: &str, contact_id: &str, notes: &str) -> StoreResult<()>;

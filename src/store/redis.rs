@@ -909,6 +909,21 @@ impl Store for RedisStore {
         raw.map(|s| parse("contact", &s)).transpose()
     }
 
+    async fn lookup_and_contact(
+        &self,
+        claim: &str,
+        contact_key: &str,
+    ) -> StoreResult<(Option<String>, Option<Contact>)> {
+        let mut conn = self.conn().await?;
+        let (held, contact): (Option<String>, Option<String>) = redis::pipe()
+            .get(self.keys.claim(claim))
+            .hget(self.keys.contact(contact_key), "json")
+            .query_async(&mut conn)
+            .await
+            .map_err(unavailable)?;
+        Ok((held, contact.map(|s| parse("contact", &s)).transpose()?))
+    }
+
     async fn contact_by_id(&self, id: &str) -> StoreResult<Option<Contact>> {
         let mut conn = self.conn().await?;
         let raw: Option<String> = self
