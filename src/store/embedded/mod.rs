@@ -831,6 +831,19 @@ impl Store for EmbeddedStore {
         Ok(self.state.lock().claims.get(key).cloned())
     }
 
+    async fn lookup_and_contact(
+        &self,
+        claim: &str,
+        contact_key: &str,
+    ) -> StoreResult<(Option<String>, Option<Contact>)> {
+        self.usable()?;
+        let st = self.state.lock();
+        Ok((
+            st.claims.get(claim).cloned(),
+            st.contacts.get(contact_key).cloned(),
+        ))
+    }
+
     async fn note(&self, agent: &str, contact_id: &str) -> StoreResult<Option<String>> {
         Ok(self
             .state
@@ -1279,6 +1292,8 @@ mod tests {
             matches!(lookup, Err(StoreError::Unavailable(_))),
             "{lookup:?}"
         );
+        let both = store.lookup_and_contact("msg:sms:SMlost", "sms:x").await;
+        assert!(matches!(both, Err(StoreError::Unavailable(_))), "{both:?}");
         let again = store.commit(claim("msg:sms:SMlost")).await;
         assert!(
             matches!(again, Err(StoreError::Unavailable(_))),
