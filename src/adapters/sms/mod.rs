@@ -74,16 +74,32 @@ pub struct SmsChannel {
     http: reqwest::Client,
 }
 
-/// A channel's own number (`from`) in E.164 form, the only form Twilio
-/// takes; the problem `check-config` lists otherwise.
+/// A channel's sender (`from`) as Twilio takes it: a phone number, put in
+/// E.164 form however it is written; a short code (digits only, 3 to 8
+/// of them); or an alphanumeric sender ID (up to 11 letters,
+/// digits and spaces, at least one letter; one-way, so customers cannot
+/// answer it). Anything else is the problem `check-config` lists: a number
+/// without its `+` and country code included, which Twilio would refuse
+/// or, for a US number, read as its own guess.
 pub fn own_number(channel_id: &str, from: &str) -> Result<String, String> {
-    PhoneNumber::from_provider(from)
-        .map(|n| n.as_str().to_string())
-        .map_err(|_| {
-            format!(
-                "channel {channel_id}: from: not a phone number in E.164 form (+, country code, number): {from}"
-            )
-        })
+    let from = from.trim();
+    if from.starts_with('+') {
+        if let Ok(n) = PhoneNumber::from_provider(from) {
+            return Ok(n.as_str().to_string());
+        }
+    } else {
+        let short_code = (3..=8).contains(&from.len()) && from.bytes().all(|b| b.is_ascii_digit());
+        let alphanumeric = (1..=11).contains(&from.len())
+            && from.bytes().all(|b| b.is_ascii_alphanumeric() || b == b' ')
+            && from.bytes().any(|b| b.is_ascii_alphabetic());
+        if short_code || alphanumeric {
+            return Ok(from.to_string());
+        }
+    }
+    Err(format!(
+        "channel {channel_id}: from: not a phone number in E.164 form (+, country code, \
+         number), a short code or an alphanumeric sender ID: {from}"
+    ))
 }
 
 enum Sender {
@@ -1093,8 +1109,32 @@ mod tests {
         c.settings.insert("from".into(), "5035550100".into());
         assert_eq!(
             SmsChannel::new(&c, PUBLIC_URL).err().unwrap(),
-            "channel sms-main: from: not a phone number in E.164 form (+, country code, number): 5035550100"
+            "channel sms-main: from: not a phone number in E.164 form (+, country code, number), \
+             a short code or an alphanumeric sender ID: 5035550100"
         );
+        for bad in ["+1 555", "ACME-SUPPORT", "Acme Support Team", "12", "   "] {
+            c.settings.insert("from".into(), bad.into());
+            let e = SmsChannel::new(&c, PUBLIC_URL).err().unwrap();
+            assert!(
+                e.starts_with("channel sms-main: from: not a phone number"),
+                "{bad}: {e}"
+            );
+        }
+    }
+
+    /// Twilio also sends from short codes and alphanumeric sender IDs: kept
+    /// as they are.
+    #[test]
+    fn short_codes_and_alphanumeric_senders_are_kept() {
+        for sender in ["12345", "894546", "Acme", "ACME Help 1"] {
+            let mut c = cfg();
+            c.settings.insert("from".into(), sender.into());
+            let ch = SmsChannel::new(&c, PUBLIC_URL).unwrap();
+            assert!(
+                matches!(&ch.sender, Sender::From(n) if n == sender),
+                "{sender}"
+            );
+        }
     }
 
     /// The channel's number is sent to Twilio in E.164 form, however written.
