@@ -1672,6 +1672,31 @@ async fn redis_follower_stops_when_the_store_is_dropped() {
     panic!("the follower is still connected 2 s after the store was dropped");
 }
 
+/// Commits a change to an interaction alone.
+async fn commit_interaction(
+    store: &DynStore,
+    i: Interaction,
+) -> switchboard::store::StoreResult<Vec<switchboard::domain::Event>> {
+    store
+        .commit(Commit {
+            interaction: Some(i),
+            ..Commit::default()
+        })
+        .await
+}
+
+/// The texts of the messages Redis holds for `case`, in order.
+async fn redis_texts(
+    conn: &mut redis::aio::MultiplexedConnection,
+    prefix: &str,
+    case: u64,
+) -> Vec<String> {
+    let (_, list) = redis_layout(conn, prefix, case).await;
+    list.iter()
+        .map(|m| m["text"].as_str().unwrap_or_default().to_string())
+        .collect()
+}
+
 /// The fields of an interaction's hash, and its message list, as Redis holds them.
 async fn redis_layout(
     conn: &mut redis::aio::MultiplexedConnection,
@@ -1726,30 +1751,16 @@ async fn redis_writes_only_the_new_and_the_changed_messages() {
     let mut v2 = v1.clone();
     let now = Utc::now();
     v2.receive(inbound("and it is still missing", now), now, false);
-    store
-        .commit(Commit {
-            interaction: Some(v2),
-            ..Commit::default()
-        })
-        .await
-        .unwrap();
-    let (_, list) = redis_layout(&mut conn, &keys.prefix, case).await;
-    let texts: Vec<_> = list.iter().map(|m| m["text"].clone()).collect();
+    commit_interaction(&store, v2).await.unwrap();
+    let texts = redis_texts(&mut conn, &keys.prefix, case).await;
     assert_eq!(texts, ["marked", "and it is still missing"]);
 
-    // A change to the first message (a reaction) is set over it, in place.
+    // A change to the first message is set over it, in place.
     let mut v3 = store.interaction(case).await.unwrap().unwrap();
     assert_eq!(v3.version, 2);
     Arc::make_mut(&mut v3.messages[0]).text = "changed".into();
-    store
-        .commit(Commit {
-            interaction: Some(v3),
-            ..Commit::default()
-        })
-        .await
-        .unwrap();
-    let (_, list) = redis_layout(&mut conn, &keys.prefix, case).await;
-    let texts: Vec<_> = list.iter().map(|m| m["text"].clone()).collect();
+    commit_interaction(&store, v3).await.unwrap();
+    let texts = redis_texts(&mut conn, &keys.prefix, case).await;
     assert_eq!(texts, ["changed", "and it is still missing"]);
     let read = store.interaction(case).await.unwrap().unwrap();
     assert_eq!(read.version, 3);
@@ -1780,12 +1791,7 @@ async fn redis_a_message_list_changed_since_it_was_read_is_a_conflict() {
     let mut v2 = v1.clone();
     let now = Utc::now();
     v2.receive(inbound("and it is still missing", now), now, false);
-    let refused = store
-        .commit(Commit {
-            interaction: Some(v2),
-            ..Commit::default()
-        })
-        .await;
+    let refused = commit_interaction(&store, v2).await;
     assert!(matches!(refused, Err(StoreError::Conflict)), "{refused:?}");
     let read = store.interaction(case).await.unwrap().unwrap();
     assert_eq!(read.version, 1);
@@ -1793,15 +1799,8 @@ async fn redis_a_message_list_changed_since_it_was_read_is_a_conflict() {
 
     let mut v2 = read;
     v2.receive(inbound("and it is still missing", now), now, false);
-    store
-        .commit(Commit {
-            interaction: Some(v2),
-            ..Commit::default()
-        })
-        .await
-        .unwrap();
-    let (_, list) = redis_layout(&mut conn, &keys.prefix, case).await;
-    let texts: Vec<_> = list.iter().map(|m| m["text"].clone()).collect();
+    commit_interaction(&store, v2).await.unwrap();
+    let texts = redis_texts(&mut conn, &keys.prefix, case).await;
     assert_eq!(
         texts,
         [
@@ -1857,13 +1856,7 @@ async fn redis_an_interaction_stored_whole_by_an_older_gateway_is_read_and_moved
 
     let mut next = read;
     next.receive(inbound("third, after the upgrade", now), now, false);
-    store
-        .commit(Commit {
-            interaction: Some(next),
-            ..Commit::default()
-        })
-        .await
-        .unwrap();
+    commit_interaction(&store, next).await.unwrap();
     let (fields, list) = redis_layout(&mut conn, &keys.prefix, case).await;
     assert_eq!(fields, ["akey", "head", "qkey", "v"]);
     let texts: Vec<_> = list.iter().map(|m| m["text"].clone()).collect();
