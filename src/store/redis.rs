@@ -226,9 +226,10 @@ redis.call('SET', KEYS[1], ARGV[1], 'NX')
 return redis.call('INCR', KEYS[1])
 "#;
 
-/// One interaction (for [`INTERACTIONS_FOR_LUA`]) as [`read_interaction`] takes it: `{'head', header,
-/// message...}`, `{'json', document}` (written by an older gateway), or
-/// nothing. `key` is its hash; its messages are at `key .. ':messages'`.
+/// One interaction, for [`INTERACTIONS_FOR_LUA`], as [`read_interaction`]
+/// takes it: `{'head', header, message...}`, `{'json', document}` (written
+/// by an older gateway), or nothing. `key` is its hash; its messages are at
+/// `key .. ':messages'`.
 const READ_ONE_LUA: &str = r#"
 local function read_one(key)
   local h = redis.call('HMGET', key, 'head', 'json')
@@ -461,7 +462,8 @@ struct InteractionPlan {
     messages: Vec<String>,
 }
 
-/// An interaction from the parts [`READ_ONE_LUA`] returns.
+/// An interaction from the parts [`READ_ONE_LUA`] returns (and
+/// [`RedisStore::interaction`] puts together the same way).
 fn read_interaction(parts: Vec<String>) -> StoreResult<Option<Interaction>> {
     let mut parts = parts.into_iter();
     match (parts.next().as_deref(), parts.next()) {
