@@ -536,8 +536,9 @@ impl Gateway {
                     .filter(|i| i.contact_id == contact.id),
                 // For email, a new thread is a new interaction.
                 (None, true) => None,
+                // Only a message is added: the stored ones may stay where they are.
                 (None, false) => match contact.latest.get(channel_id) {
-                    Some(case) => self.store.interaction(*case).await?,
+                    Some(case) => self.store.interaction_to_append(*case).await?,
                     None => None,
                 },
             };

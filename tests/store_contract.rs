@@ -121,6 +121,7 @@ contract!(
     concurrent_commits_of_one_version_let_exactly_one_win,
     claim_is_taken_once_and_keeps_its_first_value,
     a_claim_and_a_contact_are_read_together,
+    an_interaction_read_to_append_takes_a_new_message,
     commit_with_one_duplicate_claim_writes_nothing,
     index_entries_overwrite_and_answer_lookups,
     event_ids_strictly_increase_and_page_with_after,
@@ -597,6 +598,37 @@ async fn a_claim_and_a_contact_are_read_together(store: DynStore) {
         .await
         .unwrap();
     assert_eq!((held.is_some(), read), (true, None));
+}
+
+/// What receiving a message reads (the interaction, perhaps without its
+/// stored messages) takes a new message, after the ones stored.
+async fn an_interaction_read_to_append_takes_a_new_message(store: DynStore) {
+    let v1 = stored_interaction(&store, "15551234567", "support").await;
+    let case = v1.case_number;
+    let mut to_append = store.interaction_to_append(case).await.unwrap().unwrap();
+    assert_eq!(to_append.version, 1);
+    assert_eq!(to_append.status, v1.status);
+    let now = Utc::now();
+    let events = to_append.receive(inbound("and it is still missing", now), now, false);
+    store
+        .commit(Commit {
+            interaction: Some(to_append),
+            events,
+            ..Commit::default()
+        })
+        .await
+        .unwrap();
+    let read = store.interaction(case).await.unwrap().unwrap();
+    assert_eq!(read.version, 2);
+    let texts: Vec<_> = read.messages.iter().map(|m| m.text.as_str()).collect();
+    assert_eq!(
+        texts,
+        [
+            "Hi, my order #4411 has not arrived",
+            "and it is still missing"
+        ]
+    );
+    assert_eq!(store.interaction_to_append(9999).await.unwrap(), None);
 }
 
 /// A webhook retried while the first delivery is being stored must not
@@ -1871,4 +1903,40 @@ async fn redis_an_interaction_stored_whole_by_an_older_gateway_is_read_and_moved
     let read = store.interaction(case).await.unwrap().unwrap();
     assert_eq!(read.version, 2);
     assert_eq!(read.messages.len(), 3);
+}
+
+/// On Redis, an interaction read to append leaves its stored messages in
+/// Redis: the new message is pushed after them, and a list that grew
+/// meanwhile is a conflict.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_an_interaction_read_to_append_leaves_its_messages_out() {
+    let (keys, store, mut conn) = redis_store_with_conn().await;
+    let v1 = stored_interaction(&store, "15551234567", "support").await;
+    let case = v1.case_number;
+    let mut to_append = store.interaction_to_append(case).await.unwrap().unwrap();
+    assert!(to_append.messages.is_empty());
+    assert_eq!(to_append.stored.left_out_count(), Some(1));
+    let now = Utc::now();
+    to_append.receive(inbound("and it is still missing", now), now, false);
+    commit_interaction(&store, to_append).await.unwrap();
+    assert_eq!(
+        redis_texts(&mut conn, &keys.prefix, case).await,
+        [
+            "Hi, my order #4411 has not arrived",
+            "and it is still missing"
+        ]
+    );
+
+    // Read again to append; someone else's message lands in between.
+    let mut late = store.interaction_to_append(case).await.unwrap().unwrap();
+    late.receive(inbound("third", now), now, false);
+    let _: () = redis::cmd("RPUSH")
+        .arg(format!("{}:interaction:{case}:messages", keys.prefix))
+        .arg(serde_json::to_string(&inbound("pushed by hand", now)).unwrap())
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let refused = commit_interaction(&store, late).await;
+    assert!(matches!(refused, Err(StoreError::Conflict)), "{refused:?}");
+    assert_eq!(redis_texts(&mut conn, &keys.prefix, case).await.len(), 3);
 }

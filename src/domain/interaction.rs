@@ -291,18 +291,47 @@ pub struct Interaction {
 /// writes only the new and the changed ones. It is not part of the
 /// interaction's value: never serialized, equal to any other, and empty
 /// for an interaction no store has handed out (every message is then new).
+///
+/// A store may also hand out an interaction for appending with none of its
+/// messages loaded ([`StoredMessages::left_out`]): its `messages` then
+/// hold only what was added since, and only that store's commit takes it.
 #[derive(Clone, Default)]
-pub struct StoredMessages(Option<Arc<[Arc<Message>]>>);
+pub struct StoredMessages(Stored);
+
+#[derive(Clone, Default)]
+enum Stored {
+    #[default]
+    Unknown,
+    Read(Arc<[Arc<Message>]>),
+    LeftOut(usize),
+}
 
 impl StoredMessages {
     /// The messages as they are now, as a store hands them out.
     pub fn of(messages: &[Arc<Message>]) -> StoredMessages {
-        StoredMessages(Some(messages.into()))
+        StoredMessages(Stored::Read(messages.into()))
     }
 
-    /// The stored messages, or `None` when the store did not say.
+    /// `count` stored messages that were not loaded: the interaction's
+    /// `messages` are the ones after them.
+    pub fn left_out(count: usize) -> StoredMessages {
+        StoredMessages(Stored::LeftOut(count))
+    }
+
+    /// The stored messages, when the store read them.
     pub fn get(&self) -> Option<&[Arc<Message>]> {
-        self.0.as_deref()
+        match &self.0 {
+            Stored::Read(m) => Some(m),
+            _ => None,
+        }
+    }
+
+    /// How many stored messages were left out, when some were.
+    pub fn left_out_count(&self) -> Option<usize> {
+        match self.0 {
+            Stored::LeftOut(n) => Some(n),
+            _ => None,
+        }
     }
 }
 
@@ -315,8 +344,9 @@ impl PartialEq for StoredMessages {
 impl std::fmt::Debug for StoredMessages {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match &self.0 {
-            Some(m) => write!(f, "StoredMessages({})", m.len()),
-            None => f.write_str("StoredMessages(none)"),
+            Stored::Read(m) => write!(f, "StoredMessages({})", m.len()),
+            Stored::LeftOut(n) => write!(f, "StoredMessages(left out: {n})"),
+            Stored::Unknown => f.write_str("StoredMessages(unknown)"),
         }
     }
 }

@@ -102,6 +102,15 @@ pub trait Store: Send + Sync + 'static {
     async fn contact_by_id(&self, id: &str) -> StoreResult<Option<Contact>>;
     /// The value a claim or index entry holds.
     async fn lookup(&self, key: &str) -> StoreResult<Option<String>>;
+    /// The interaction `case_number` for adding messages to it and nothing
+    /// else (what receiving a message does): a store that keeps messages
+    /// apart from the header (Redis) may leave the stored messages out (see
+    /// [`crate::domain::StoredMessages::left_out`]), so that a new message
+    /// costs the same however long the conversation. Only that store's
+    /// commit takes such an interaction. Elsewhere, the whole interaction.
+    async fn interaction_to_append(&self, case_number: u64) -> StoreResult<Option<Interaction>> {
+        self.interaction(case_number).await
+    }
     /// [`Store::lookup`] of `claim` and [`Store::contact`] of `contact_key`
     /// together: what receiving a message reads first (on Redis, one round
     /// trip instead of two). Neither read waits for the other, so the two

@@ -767,19 +767,33 @@ impl Store for RedisStore {
             let messages = std::mem::take(&mut i.messages);
             let expect = std::mem::replace(&mut i.version, next);
             interaction_json = json(&i);
-            // Only what differs from the list as it was read; all of it when
-            // that is not known, or when messages went missing since.
-            let stored = i.stored.get().filter(|s| s.len() <= messages.len());
             let mut written = vec![];
-            for (n, m) in messages.iter().enumerate() {
-                let same = stored
-                    .and_then(|s| s.get(n))
-                    .is_some_and(|o| Arc::ptr_eq(o, m) || o == m);
-                if !same {
-                    written.push(n.to_string());
-                    message_docs.push(json(&**m));
+            let (rewrite, stored_len) = match i.stored.left_out_count() {
+                // Read for appending: `messages` are the ones after the
+                // stored ones, all new.
+                Some(left_out) => {
+                    for (n, m) in messages.iter().enumerate() {
+                        written.push((left_out + n).to_string());
+                        message_docs.push(json(&**m));
+                    }
+                    (false, left_out)
                 }
-            }
+                // Only what differs from the list as it was read; all of it
+                // when that is not known, or when messages went missing since.
+                None => {
+                    let stored = i.stored.get().filter(|s| s.len() <= messages.len());
+                    for (n, m) in messages.iter().enumerate() {
+                        let same = stored
+                            .and_then(|s| s.get(n))
+                            .is_some_and(|o| Arc::ptr_eq(o, m) || o == m);
+                        if !same {
+                            written.push(n.to_string());
+                            message_docs.push(json(&**m));
+                        }
+                    }
+                    (stored.is_none(), stored.map_or(0, <[_]>::len))
+                }
+            };
             plan.interaction = Some(InteractionPlan {
                 key: k.interaction(i.case_number),
                 case: i.case_number.to_string(),
@@ -792,8 +806,8 @@ impl Store for RedisStore {
                     .map(|a| k.assigned(a))
                     .unwrap_or_default(),
                 mkey: k.messages(i.case_number),
-                rewrite: stored.is_none(),
-                stored: stored.map_or(0, <[_]>::len).to_string(),
+                rewrite,
+                stored: stored_len.to_string(),
                 messages: written,
             });
         }
@@ -872,6 +886,32 @@ impl Store for RedisStore {
             (None, None) => vec![],
         };
         read_interaction(parts)
+    }
+
+    async fn interaction_to_append(&self, case_number: u64) -> StoreResult<Option<Interaction>> {
+        let mut conn = self.conn().await?;
+        // The header and how many messages there are, not the messages.
+        let ((head, whole), count): ((Option<String>, Option<String>), usize) = redis::pipe()
+            .atomic()
+            .cmd("HMGET")
+            .arg(self.keys.interaction(case_number))
+            .arg("head")
+            .arg("json")
+            .cmd("LLEN")
+            .arg(self.keys.messages(case_number))
+            .query_async(&mut conn)
+            .await
+            .map_err(unavailable)?;
+        match (head, whole) {
+            (Some(head), _) => {
+                let mut i: Interaction = parse("interaction", &head)?;
+                i.stored = StoredMessages::left_out(count);
+                Ok(Some(i))
+            }
+            // Stored whole by an older gateway: read whole, rewritten by the commit.
+            (None, Some(doc)) => parse("interaction", &doc).map(Some),
+            (None, None) => Ok(None),
+        }
     }
 
     async fn interactions_for(

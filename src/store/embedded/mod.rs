@@ -675,6 +675,17 @@ impl Store for EmbeddedStore {
             });
             (expected, c, row)
         });
+        if commit
+            .interaction
+            .as_ref()
+            .is_some_and(|i| i.stored.left_out_count().is_some())
+        {
+            // Never handed out by this store: taking it would drop the
+            // messages it left out.
+            return Err(StoreError::Unavailable(
+                "an interaction read without its messages cannot be stored here".into(),
+            ));
+        }
         let interaction = commit.interaction.take().map(Prepared::new);
         let drafts: Vec<_> = commit
             .events
@@ -1317,6 +1328,27 @@ mod tests {
         );
         assert_eq!(store.lookup("msg:sms:SMlost").await.unwrap(), None);
         store.commit(claim("msg:sms:SMlost")).await.unwrap();
+    }
+
+    /// An interaction read without its messages (as the Redis store hands
+    /// one out to append to) would lose them here: refused, nothing written.
+    #[tokio::test]
+    async fn an_interaction_without_its_messages_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = EmbeddedStore::open(dir.path(), Duration::from_secs(3600)).unwrap();
+        let mut i = case_1001();
+        i.stored = crate::domain::StoredMessages::left_out(3);
+        let refused = store
+            .commit(Commit {
+                interaction: Some(i),
+                ..Commit::default()
+            })
+            .await;
+        assert!(
+            matches!(&refused, Err(StoreError::Unavailable(m)) if m.contains("without its messages")),
+            "{refused:?}"
+        );
+        assert_eq!(store.interaction(1001).await.unwrap(), None);
     }
 
     /// The feed keeps one copy of a channel's `{"id","kind"}` for all its
