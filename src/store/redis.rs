@@ -25,7 +25,9 @@
 //! message costs one `RPUSH` and a changed one an `LSET`, however long the
 //! conversation: the commit sends only the messages that are not the same
 //! allocation as the ones the store handed out
-//! ([`crate::domain::StoredMessages`]). An interaction written by an older
+//! ([`crate::domain::StoredMessages`]). Receiving a message reads the header
+//! and the list's length only ([`Store::interaction_to_append`]), so it
+//! does not read the conversation either. An interaction written by an older
 //! gateway (the whole document, messages included, in the field `json`) is
 //! read as it is and rewritten in the new layout on its next change; an
 //! older gateway cannot read the new layout, so every process sharing the
