@@ -488,6 +488,69 @@ impl Interaction {
         }
     }
 
+    /// A copy of everything but the messages (which are not copied): what a
+    /// store hands out to append a message to (see
+    /// [`StoredMessages::left_out`]).
+    pub fn without_messages(&self) -> Interaction {
+        // Named one by one, so that a new field cannot be forgotten here.
+        let Interaction {
+            case_number,
+            version,
+            channel_id,
+            channel_kind,
+            digital_id,
+            contact_id,
+            contact_name,
+            status,
+            queue,
+            in_queue,
+            priority,
+            tags,
+            received_at,
+            last_customer_at,
+            created_at,
+            assigned_to,
+            opened_by,
+            transfer_count,
+            master_contact_id,
+            related_name,
+            related_case,
+            ended_at,
+            disposition,
+            subject,
+            messages: _,
+            stored: _,
+        } = self;
+        Interaction {
+            case_number: *case_number,
+            version: *version,
+            channel_id: channel_id.clone(),
+            channel_kind: *channel_kind,
+            digital_id: digital_id.clone(),
+            contact_id: contact_id.clone(),
+            contact_name: contact_name.clone(),
+            status: *status,
+            queue: queue.clone(),
+            in_queue: *in_queue,
+            priority: *priority,
+            tags: tags.clone(),
+            received_at: *received_at,
+            last_customer_at: *last_customer_at,
+            created_at: *created_at,
+            assigned_to: assigned_to.clone(),
+            opened_by: opened_by.clone(),
+            transfer_count: *transfer_count,
+            master_contact_id: master_contact_id.clone(),
+            related_name: related_name.clone(),
+            related_case: related_case.clone(),
+            ended_at: *ended_at,
+            disposition: disposition.clone(),
+            subject: subject.clone(),
+            messages: vec![],
+            stored: StoredMessages::default(),
+        }
+    }
+
     /// An event about this interaction: its case number and channel, `data`.
     pub fn event(&self, kind: &str, at: DateTime<Utc>, data: &impl Serialize) -> EventDraft {
         EventDraft::new(kind, at, self.case_number, &self.channel_ref(), data)

@@ -26,7 +26,7 @@
 //! first written, so new ones append to the end of their table.
 
 use super::{Commit, OutboxJob, OutboxRecord, Store, StoreError, StoreResult};
-use crate::domain::{parse_event_id, Contact, Event, Interaction, Message};
+use crate::domain::{parse_event_id, Contact, Event, Interaction, Message, StoredMessages};
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use parking_lot::Mutex;
@@ -601,6 +601,9 @@ struct Prepared {
     interaction: Interaction,
     /// The version the stored interaction must have.
     expected: u64,
+    /// For an interaction handed out to append to: how many messages the
+    /// stored one has, which `interaction.messages` go after.
+    appended_after: Option<usize>,
     header: Vec<u8>,
     /// The JSON of each message no other copy shares, by index, in order
     /// (usually the one just added: nothing is collected per message the
@@ -611,6 +614,7 @@ struct Prepared {
 impl Prepared {
     fn new(mut i: Interaction) -> Prepared {
         let expected = i.version;
+        let appended_after = i.stored.left_out_count();
         i.version += 1;
         let messages = std::mem::take(&mut i.messages);
         let header = json(&i);
@@ -625,9 +629,33 @@ impl Prepared {
         Prepared {
             interaction: i,
             expected,
+            appended_after,
             header,
             fresh,
         }
+    }
+
+    /// For an interaction handed out to append to: the ops that store its
+    /// header and its messages after the `stored` ones, and the stored
+    /// interaction updated in place (copied first only if a reader holds it).
+    fn append(self, ops: &mut Vec<Op>, stored: &mut Arc<Interaction>) {
+        let case = self.interaction.case_number;
+        ops.push(Op::Interaction(case, self.header));
+        let mut fresh = self.fresh.into_iter().peekable();
+        let mut committed = self.interaction;
+        let target = Arc::make_mut(stored);
+        let mut messages = std::mem::take(&mut target.messages);
+        for (n, m) in committed.messages.drain(..).enumerate() {
+            let row = match fresh.next_if(|(i, _)| *i == n) {
+                Some((_, row)) => row,
+                None => json(&*m),
+            };
+            ops.push(Op::Message(case, messages.len() as u32, row));
+            messages.push(m);
+        }
+        committed.messages = messages;
+        committed.stored = StoredMessages::default();
+        *target = committed;
     }
 
     /// The ops that store it over `old`: the header, and each message that
@@ -675,17 +703,6 @@ impl Store for EmbeddedStore {
             });
             (expected, c, row)
         });
-        if commit
-            .interaction
-            .as_ref()
-            .is_some_and(|i| i.stored.left_out_count().is_some())
-        {
-            // Never handed out by this store: taking it would drop the
-            // messages it left out.
-            return Err(StoreError::Unavailable(
-                "an interaction read without its messages cannot be stored here".into(),
-            ));
-        }
         let interaction = commit.interaction.take().map(Prepared::new);
         let drafts: Vec<_> = commit
             .events
@@ -725,12 +742,16 @@ impl Store for EmbeddedStore {
                 }
             }
             if let Some(p) = &interaction {
-                let current = st
-                    .interactions
-                    .get(&p.interaction.case_number)
-                    .map(|i| i.version)
-                    .unwrap_or(0);
+                let stored = st.interactions.get(&p.interaction.case_number);
+                let current = stored.map(|i| i.version).unwrap_or(0);
                 if current != p.expected {
+                    return Err(StoreError::Conflict);
+                }
+                // Messages go after the ones it was handed out with, which a
+                // stored interaction of the same version holds.
+                if p.appended_after.is_some()
+                    && p.appended_after != stored.map(|i| i.messages.len())
+                {
                     return Err(StoreError::Conflict);
                 }
             }
@@ -747,8 +768,13 @@ impl Store for EmbeddedStore {
             if let Some(p) = interaction {
                 let case = p.interaction.case_number;
                 st.next_case = st.next_case.max(case + 1);
-                let i = p.ops(&mut ops, st.interactions.get(&case).map(|i| &**i));
-                replaced.1 = st.interactions.insert(case, Arc::new(i));
+                match (p.appended_after, st.interactions.get_mut(&case)) {
+                    (Some(_), Some(stored)) => p.append(&mut ops, stored),
+                    _ => {
+                        let i = p.ops(&mut ops, st.interactions.get(&case).map(|i| &**i));
+                        replaced.1 = st.interactions.insert(case, Arc::new(i));
+                    }
+                }
             }
             for job in commit.outbox_add.drain(..) {
                 st.outbox.insert(job.id.clone(), job);
@@ -803,6 +829,17 @@ impl Store for EmbeddedStore {
     async fn interaction(&self, case_number: u64) -> StoreResult<Option<Interaction>> {
         let shared = self.state.lock().interactions.get(&case_number).cloned();
         Ok(shared.map(Arc::unwrap_or_clone))
+    }
+
+    /// The interaction without its messages, to append to: a long
+    /// conversation's message list is neither copied out nor compared.
+    async fn interaction_to_append(&self, case_number: u64) -> StoreResult<Option<Interaction>> {
+        let shared = self.state.lock().interactions.get(&case_number).cloned();
+        Ok(shared.map(|i| {
+            let mut header = i.without_messages();
+            header.stored = StoredMessages::left_out(i.messages.len());
+            header
+        }))
     }
 
     async fn interactions_for(
@@ -1330,25 +1367,42 @@ mod tests {
         store.commit(claim("msg:sms:SMlost")).await.unwrap();
     }
 
-    /// An interaction read without its messages (as the Redis store hands
-    /// one out to append to) would lose them here: refused, nothing written.
-    #[tokio::test]
-    async fn an_interaction_without_its_messages_is_refused() {
+    /// An interaction handed out to append to takes its new messages after
+    /// the stored ones, in the log as in the mirror, and only over the
+    /// messages it was handed out with.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn messages_appended_go_after_the_stored_ones_and_survive_a_restart() {
         let dir = tempfile::tempdir().unwrap();
         let store = EmbeddedStore::open(dir.path(), Duration::from_secs(3600)).unwrap();
         let mut i = case_1001();
-        i.stored = crate::domain::StoredMessages::left_out(3);
-        let refused = store
-            .commit(Commit {
-                interaction: Some(i),
-                ..Commit::default()
-            })
-            .await;
-        assert!(
-            matches!(&refused, Err(StoreError::Unavailable(m)) if m.contains("without its messages")),
-            "{refused:?}"
+        i.messages = vec![message("one"), message("two")];
+        let commit = |i: Interaction| Commit {
+            interaction: Some(i),
+            ..Commit::default()
+        };
+        store.commit(commit(i)).await.unwrap();
+        let mut to_append = store.interaction_to_append(1001).await.unwrap().unwrap();
+        assert!(to_append.messages.is_empty());
+        assert_eq!(to_append.stored.left_out_count(), Some(2));
+        assert_eq!(to_append.version, 1);
+        // One handed out with fewer messages than are stored cannot append.
+        let mut stale = to_append.clone();
+        stale.stored = StoredMessages::left_out(1);
+        stale.messages.push(message("lost"));
+        let refused = store.commit(commit(stale)).await;
+        assert!(matches!(refused, Err(StoreError::Conflict)), "{refused:?}");
+
+        to_append.messages.push(message("three"));
+        store.commit(commit(to_append)).await.unwrap();
+        let read = store.interaction(1001).await.unwrap().unwrap();
+        assert_eq!(read.version, 2);
+        assert_eq!(texts(&read), ["one", "two", "three"]);
+        drop(store);
+        let store = reopen(dir.path()).await;
+        assert_eq!(
+            texts(&store.interaction(1001).await.unwrap().unwrap()),
+            ["one", "two", "three"]
         );
-        assert_eq!(store.interaction(1001).await.unwrap(), None);
     }
 
     /// The feed keeps one copy of a channel's `{"id","kind"}` for all its
