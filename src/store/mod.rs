@@ -103,11 +103,12 @@ pub trait Store: Send + Sync + 'static {
     /// The value a claim or index entry holds.
     async fn lookup(&self, key: &str) -> StoreResult<Option<String>>;
     /// The interaction `case_number` for adding messages to it and nothing
-    /// else (what receiving a message does): a store that keeps messages
-    /// apart from the header (Redis) may leave the stored messages out (see
-    /// [`crate::domain::StoredMessages::left_out`]), so that a new message
-    /// costs the same however long the conversation. Only that store's
-    /// commit takes such an interaction. Elsewhere, the whole interaction.
+    /// else (what receiving a message does): a store may leave the stored
+    /// messages out (see [`crate::domain::StoredMessages::left_out`]; both
+    /// stores do), so that a new message costs the same however long the
+    /// conversation. Only the store that handed it out takes it back, and
+    /// its commit appends the new messages after the stored ones. The
+    /// default is the whole interaction.
     async fn interaction_to_append(&self, case_number: u64) -> StoreResult<Option<Interaction>> {
         self.interaction(case_number).await
     }
