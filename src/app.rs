@@ -235,10 +235,10 @@ impl Application {
         let settings = settings.validate()?;
         if settings.channels.iter().any(|c| c.kind == ChannelKind::Sms) {
             // The phone-number metadata before the first webhook, not inside
-            // it. Validation has already parsed each channel's own number
-            // (`from`), which compiled the patterns of its country, where
-            // most customers write from; a channel sending through a
-            // messaging service has none.
+            // it. Validation has already parsed each channel's own phone
+            // number (`from`), which compiled the patterns of its country,
+            // where most customers write from; a channel sending from a
+            // short code, a sender ID or a messaging service has none.
             tokio::task::spawn_blocking(crate::domain::PhoneNumber::load_metadata).await?;
         }
         let store = open_store(&settings).await?;

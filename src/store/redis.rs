@@ -464,21 +464,49 @@ struct InteractionPlan {
     messages: Vec<String>,
 }
 
-/// An interaction from the parts [`READ_ONE_LUA`] returns (and
-/// [`RedisStore::interaction`] puts together the same way).
+/// What was read of an interaction's message list.
+enum ListRead {
+    /// Every message's JSON, in order.
+    All(Vec<String>),
+    /// Only how many there are (a read to append to).
+    Length(usize),
+}
+
+/// An interaction from what its hash and its message list hold: the header
+/// (`head`) and the list, or the whole document an older gateway wrote
+/// (`json`), which is taken as it is and rewritten by the next commit.
+fn assemble(
+    head: Option<String>,
+    whole: Option<String>,
+    list: ListRead,
+) -> StoreResult<Option<Interaction>> {
+    match (head, whole) {
+        (Some(head), _) => {
+            let mut i: Interaction = parse("interaction", &head)?;
+            i.stored = match list {
+                ListRead::All(messages) => {
+                    i.messages = messages
+                        .iter()
+                        .map(|m| parse::<Message>("message", m).map(Arc::new))
+                        .collect::<StoreResult<_>>()?;
+                    StoredMessages::of(&i.messages)
+                }
+                ListRead::Length(n) => StoredMessages::left_out(n),
+            };
+            Ok(Some(i))
+        }
+        (None, Some(doc)) => parse("interaction", &doc).map(Some),
+        (None, None) => Ok(None),
+    }
+}
+
+/// An interaction from the parts [`READ_ONE_LUA`] returns.
 fn read_interaction(parts: Vec<String>) -> StoreResult<Option<Interaction>> {
     let mut parts = parts.into_iter();
     match (parts.next().as_deref(), parts.next()) {
         (None, _) => Ok(None),
-        (Some("json"), Some(doc)) => parse("interaction", &doc).map(Some),
-        (Some("head"), Some(head)) => {
-            let mut i: Interaction = parse("interaction", &head)?;
-            i.messages = parts
-                .map(|m| parse::<Message>("message", &m).map(Arc::new))
-                .collect::<StoreResult<_>>()?;
-            i.stored = StoredMessages::of(&i.messages);
-            Ok(Some(i))
-        }
+        (Some("json"), Some(doc)) => assemble(None, Some(doc), ListRead::All(vec![])),
+        (Some("head"), Some(head)) => assemble(Some(head), None, ListRead::All(parts.collect())),
         (kind, _) => Err(unavailable(format!(
             "unexpected answer reading an interaction: {kind:?}"
         ))),
@@ -879,15 +907,7 @@ impl Store for RedisStore {
                 .query_async(&mut conn)
                 .await
                 .map_err(unavailable)?;
-        let parts = match (head, whole) {
-            (Some(head), _) => ["head".to_string(), head]
-                .into_iter()
-                .chain(messages)
-                .collect(),
-            (None, Some(doc)) => vec!["json".to_string(), doc],
-            (None, None) => vec![],
-        };
-        read_interaction(parts)
+        assemble(head, whole, ListRead::All(messages))
     }
 
     async fn interaction_to_append(&self, case_number: u64) -> StoreResult<Option<Interaction>> {
@@ -904,16 +924,7 @@ impl Store for RedisStore {
             .query_async(&mut conn)
             .await
             .map_err(unavailable)?;
-        match (head, whole) {
-            (Some(head), _) => {
-                let mut i: Interaction = parse("interaction", &head)?;
-                i.stored = StoredMessages::left_out(count);
-                Ok(Some(i))
-            }
-            // Stored whole by an older gateway: read whole, rewritten by the commit.
-            (None, Some(doc)) => parse("interaction", &doc).map(Some),
-            (None, None) => Ok(None),
-        }
+        assemble(head, whole, ListRead::Length(count))
     }
 
     async fn interactions_for(

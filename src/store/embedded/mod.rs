@@ -1152,6 +1152,14 @@ mod tests {
         })
     }
 
+    /// A commit of `i` alone.
+    fn commit(i: Interaction) -> Commit {
+        Commit {
+            interaction: Some(i),
+            ..Commit::default()
+        }
+    }
+
     fn message(text: &str) -> Arc<Message> {
         Arc::new(
             serde_json::from_value(serde_json::json!({"id": crate::domain::new_id(),
@@ -1275,10 +1283,6 @@ mod tests {
         let store = EmbeddedStore::open(dir.path(), Duration::from_secs(3600)).unwrap();
         let mut i = case_1001();
         i.messages = vec![message("first"), message("second")];
-        let commit = |i: Interaction| Commit {
-            interaction: Some(i),
-            ..Commit::default()
-        };
         store.commit(commit(i)).await.unwrap();
         drop(store);
 
@@ -1376,10 +1380,6 @@ mod tests {
         let store = EmbeddedStore::open(dir.path(), Duration::from_secs(3600)).unwrap();
         let mut i = case_1001();
         i.messages = vec![message("one"), message("two")];
-        let commit = |i: Interaction| Commit {
-            interaction: Some(i),
-            ..Commit::default()
-        };
         store.commit(commit(i)).await.unwrap();
         let mut to_append = store.interaction_to_append(1001).await.unwrap().unwrap();
         assert!(to_append.messages.is_empty());
