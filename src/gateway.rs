@@ -98,6 +98,15 @@ pub struct Gateway {
 
 const MAX_RETRIES: usize = 32;
 
+/// How much of an interaction a change reads.
+#[derive(Clone, Copy)]
+enum Read {
+    /// All of it, messages included.
+    Whole,
+    /// What adding messages needs ([`crate::store::Store::interaction_to_append`]).
+    ToAppend,
+}
+
 /// How long one webhook may spend downloading its media before answering.
 const MEDIA_BUDGET: std::time::Duration = std::time::Duration::from_secs(8);
 
@@ -1136,11 +1145,15 @@ impl Gateway {
 
     /// Loads an interaction the actor may see: in their queues or assigned to them.
     pub async fn visible(&self, actor: &Actor, case: u64) -> GResult<Interaction> {
-        let i = self
-            .store
-            .interaction(case)
-            .await?
-            .ok_or_else(|| GatewayError::NotFound(format!("no interaction {case}")))?;
+        self.read_visible(actor, case, Read::Whole).await
+    }
+
+    async fn read_visible(&self, actor: &Actor, case: u64, read: Read) -> GResult<Interaction> {
+        let found = match read {
+            Read::Whole => self.store.interaction(case).await?,
+            Read::ToAppend => self.store.interaction_to_append(case).await?,
+        };
+        let i = found.ok_or_else(|| GatewayError::NotFound(format!("no interaction {case}")))?;
         let mine = matches!(actor, Actor::Agent(a) if i.assigned_to.as_deref() == Some(a.as_str()));
         if mine || self.visible_queues(actor).contains(&i.queue) {
             Ok(i)
@@ -1150,7 +1163,25 @@ impl Gateway {
     }
 
     /// Runs a domain change on an interaction with retries on conflict.
-    pub async fn change<F>(&self, actor: &Actor, case: u64, mut f: F) -> GResult<Interaction>
+    pub async fn change<F>(&self, actor: &Actor, case: u64, f: F) -> GResult<Interaction>
+    where
+        F: FnMut(
+            &mut Interaction,
+            DateTime<Utc>,
+        ) -> Result<(Vec<crate::domain::EventDraft>, Commit), GatewayError>,
+    {
+        self.change_read(actor, case, Read::Whole, f).await
+    }
+
+    /// [`Gateway::change`] on an interaction read as `read` says: a change
+    /// that only adds messages (a reply) needs none of the stored ones.
+    async fn change_read<F>(
+        &self,
+        actor: &Actor,
+        case: u64,
+        read: Read,
+        mut f: F,
+    ) -> GResult<Interaction>
     where
         F: FnMut(
             &mut Interaction,
@@ -1158,7 +1189,7 @@ impl Gateway {
         ) -> Result<(Vec<crate::domain::EventDraft>, Commit), GatewayError>,
     {
         for _ in 0..MAX_RETRIES {
-            let mut i = self.visible(actor, case).await?;
+            let mut i = self.read_visible(actor, case, read).await?;
             let before = i.clone();
             let (events, mut commit) = f(&mut i, Utc::now())?;
             // Nothing to store only when nothing changed: re-opening one's own
@@ -1494,7 +1525,10 @@ impl Gateway {
                 return Ok(found);
             }
         }
-        let current = self.visible(actor, case).await?;
+        // A reply only adds a message: the stored ones stay unread (a long
+        // conversation costs no more to answer than a short one), but for
+        // the one it answers.
+        let current = self.read_visible(actor, case, Read::ToAppend).await?;
         if let Actor::Agent(a) = actor {
             if current.assigned_to.as_deref() != Some(a.as_str()) {
                 return Err(Refusal::NotAssigned.into());
@@ -1531,7 +1565,8 @@ impl Gateway {
             self.outgoing_message(current.channel_kind, actor.id(), text, attachments, now);
         msg.html = html;
         if let Some(rid) = reply_to {
-            if !current
+            let whole = self.visible(actor, case).await?;
+            if !whole
                 .messages
                 .iter()
                 .any(|m| m.id == rid && m.provider_id.is_some())
@@ -1545,7 +1580,7 @@ impl Gateway {
         }
         let channel_id = current.channel_id.clone();
         let result = self
-            .change(actor, case, |i, now| {
+            .change_read(actor, case, Read::ToAppend, |i, now| {
                 let events = i.reply(actor, msg.clone(), now)?;
                 let commit = Commit {
                     claims: idem

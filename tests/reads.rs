@@ -1,0 +1,226 @@
+//! What the gateway reads from the store to make a change: a reply adds a
+//! message and needs none of the stored ones, so answering a long
+//! conversation costs no more than answering a short one. The gateway under
+//! test shares the real application's store through a wrapper that counts
+//! the reads of whole interactions. Each scenario runs on both stores.
+
+#[macro_use]
+mod common;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use common::*;
+use serde_json::json;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use switchboard::domain::{Actor, Contact, Event, Interaction, Refusal};
+use switchboard::gateway::{Gateway, GatewayError};
+use switchboard::store::{Commit, DynStore, OutboxJob, Store, StoreResult};
+use tokio::sync::broadcast;
+
+on_both_stores!(
+    a_reply_reads_no_stored_message,
+    a_reply_to_a_message_reads_the_conversation_to_find_it,
+);
+
+/// The real store, counting whole-interaction reads.
+struct Counting {
+    inner: DynStore,
+    whole: AtomicUsize,
+}
+
+#[async_trait]
+impl Store for Counting {
+    async fn commit(&self, commit: Commit) -> StoreResult<Vec<Event>> {
+        self.inner.commit(commit).await
+    }
+    async fn next_case_number(&self) -> StoreResult<u64> {
+        self.inner.next_case_number().await
+    }
+    async fn interaction(&self, case_number: u64) -> StoreResult<Option<Interaction>> {
+        self.whole.fetch_add(1, Ordering::SeqCst);
+        self.inner.interaction(case_number).await
+    }
+    async fn interaction_to_append(&self, case_number: u64) -> StoreResult<Option<Interaction>> {
+        self.inner.interaction_to_append(case_number).await
+    }
+    async fn interactions_for(
+        &self,
+        queues: &[String],
+        agent: Option<&str>,
+    ) -> StoreResult<Vec<Interaction>> {
+        self.inner.interactions_for(queues, agent).await
+    }
+    async fn contact(&self, key: &str) -> StoreResult<Option<Contact>> {
+        self.inner.contact(key).await
+    }
+    async fn contact_by_id(&self, id: &str) -> StoreResult<Option<Contact>> {
+        self.inner.contact_by_id(id).await
+    }
+    async fn lookup(&self, key: &str) -> StoreResult<Option<String>> {
+        self.inner.lookup(key).await
+    }
+    async fn lookup_and_contact(
+        &self,
+        claim: &str,
+        contact_key: &str,
+    ) -> StoreResult<(Option<String>, Option<Contact>)> {
+        self.inner.lookup_and_contact(claim, contact_key).await
+    }
+    async fn note(&self, agent: &str, contact_id: &str) -> StoreResult<Option<String>> {
+        self.inner.note(agent, contact_id).await
+    }
+    async fn put_note(&self, agent: &str, contact_id: &str, notes: &str) -> StoreResult<()> {
+        self.inner.put_note(agent, contact_id, notes).await
+    }
+    async fn events_after(&self, after: Option<&str>, limit: usize) -> StoreResult<Vec<Event>> {
+        self.inner.events_after(after, limit).await
+    }
+    fn subscribe(&self) -> broadcast::Receiver<Event> {
+        self.inner.subscribe()
+    }
+    async fn outbox_lease(
+        &self,
+        now: DateTime<Utc>,
+        lease: Duration,
+        limit: usize,
+    ) -> StoreResult<Vec<OutboxJob>> {
+        self.inner.outbox_lease(now, lease, limit).await
+    }
+    async fn outbox_reschedule(&self, job: &OutboxJob) -> StoreResult<()> {
+        self.inner.outbox_reschedule(job).await
+    }
+    async fn outbox_depth(&self) -> StoreResult<u64> {
+        self.inner.outbox_depth().await
+    }
+    async fn put_blob(&self, id: &str, bytes: &[u8]) -> StoreResult<()> {
+        self.inner.put_blob(id, bytes).await
+    }
+    async fn blob(&self, id: &str) -> StoreResult<Option<Vec<u8>>> {
+        self.inner.blob(id).await
+    }
+    async fn kv_get(&self, key: &str) -> StoreResult<Option<String>> {
+        self.inner.kv_get(key).await
+    }
+    async fn kv_set(&self, key: &str, value: &str) -> StoreResult<()> {
+        self.inner.kv_set(key, value).await
+    }
+    async fn try_lease(&self, name: &str, owner: &str, ttl: Duration) -> StoreResult<bool> {
+        self.inner.try_lease(name, owner, ttl).await
+    }
+    async fn ping(&self) -> StoreResult<()> {
+        self.inner.ping().await
+    }
+}
+
+/// A gateway on `app`'s settings, channels and store, the store counted.
+fn counted(app: &TestApp) -> (Gateway, Arc<Counting>) {
+    let store = Arc::new(Counting {
+        inner: app.gateway.store.clone(),
+        whole: AtomicUsize::new(0),
+    });
+    let gateway = Gateway {
+        settings: app.gateway.settings.clone(),
+        store: store.clone(),
+        channels: app.gateway.channels.clone(),
+        metrics: switchboard::metrics::Metrics::new(),
+        outbox_wake: tokio::sync::Notify::new(),
+        media_secret: app.gateway.media_secret.clone(),
+    };
+    (gateway, store)
+}
+
+/// Three customer messages, assigned to Anne: the conversation a reply goes to.
+async fn conversation(app: &TestApp) -> u64 {
+    for (n, text) in ["one", "two", "three"].iter().enumerate() {
+        let (s, _) = app
+            .sms_from("+14158675309", text, &format!("SMread{n}"))
+            .await;
+        assert_eq!(s, 200);
+    }
+    let case = app.only_case().await;
+    let (s, _) = app
+        .post(
+            ANNE,
+            &format!("/api/v1/interactions/{case}/assign"),
+            json!({}),
+        )
+        .await;
+    assert_eq!(s, 200);
+    case
+}
+
+fn texts(i: &serde_json::Value) -> Vec<&str> {
+    i["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["text"].as_str().unwrap())
+        .collect()
+}
+
+async fn a_reply_reads_no_stored_message(b: Backend) {
+    let app = TestApp::start(b).await;
+    let case = conversation(&app).await;
+    let (gateway, store) = counted(&app);
+    let anne = Actor::Agent("anne".into());
+    let (_, msg) = gateway
+        .reply(&anne, case, "four", None, &[], None, None)
+        .await
+        .unwrap();
+    assert_eq!(store.whole.load(Ordering::SeqCst), 0);
+    // Stored after the conversation, queued for delivery, and resolved.
+    let i = app.interaction(case).await;
+    assert_eq!(texts(&i), ["one", "two", "three", "four"]);
+    assert_eq!(i["messages"][3]["id"], msg.id.as_str());
+    assert_eq!(i["messages"][3]["status"], "queued");
+    assert_eq!(i["status"], "resolved");
+    assert_eq!(app.gateway.store.outbox_depth().await.unwrap(), 1);
+    // The rules still hold on the header alone: Bob holds nothing here.
+    let bob = Actor::Agent("bob".into());
+    let err = gateway
+        .reply(&bob, case, "five", None, &[], None, None)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, GatewayError::Refused(Refusal::NotAssigned)),
+        "{err}"
+    );
+    assert_eq!(texts(&app.interaction(case).await).len(), 4);
+}
+
+async fn a_reply_to_a_message_reads_the_conversation_to_find_it(b: Backend) {
+    let app = TestApp::start(b).await;
+    let case = conversation(&app).await;
+    let i = app.interaction(case).await;
+    let second = i["messages"][1]["id"].as_str().unwrap().to_string();
+    let (gateway, store) = counted(&app);
+    let anne = Actor::Agent("anne".into());
+    let (_, msg) = gateway
+        .reply(&anne, case, "about two", None, &[], None, Some(&second))
+        .await
+        .unwrap();
+    assert_eq!(store.whole.load(Ordering::SeqCst), 1);
+    assert_eq!(msg.reply_to.as_deref(), Some(second.as_str()));
+    let i = app.interaction(case).await;
+    assert_eq!(texts(&i), ["one", "two", "three", "about two"]);
+    // One that is not in the conversation is refused, and nothing is stored.
+    let err = gateway
+        .reply(
+            &anne,
+            case,
+            "about nothing",
+            None,
+            &[],
+            None,
+            Some("m-none"),
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, GatewayError::Validation { field, .. } if field == "reply_to"),
+        "{err}"
+    );
+    assert_eq!(texts(&app.interaction(case).await).len(), 4);
+}
