@@ -1525,9 +1525,9 @@ impl Gateway {
                 return Ok(found);
             }
         }
-        // A reply only adds a message: the stored ones stay unread (a long
-        // conversation costs no more to answer than a short one), but for
-        // the one it answers.
+        // A reply only adds a message: the stored ones are not fetched (a
+        // long conversation costs no more to answer than a short one),
+        // except to find the one it answers (`reply_to`, below).
         let current = self.read_visible(actor, case, Read::ToAppend).await?;
         if let Actor::Agent(a) = actor {
             if current.assigned_to.as_deref() != Some(a.as_str()) {
