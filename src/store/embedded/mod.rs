@@ -31,7 +31,7 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use parking_lot::Mutex;
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -39,6 +39,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::{broadcast, mpsc, oneshot};
 use wal::{Op, Wal};
 
+mod mirror;
 mod wal;
 
 const INTERACTIONS: TableDefinition<u64, &[u8]> = TableDefinition::new("interactions");
@@ -79,8 +80,8 @@ struct State {
     interactions: HashMap<u64, Arc<Interaction>>,
     contacts: HashMap<String, Contact>,
     contact_keys: HashMap<String, String>,
-    claims: HashMap<String, String>,
-    events: VecDeque<Event>,
+    claims: mirror::Sharded<String>,
+    events: mirror::Ring<Event>,
     last_event: (u64, u64),
     outbox: BTreeMap<String, OutboxJob>,
     notes: HashMap<String, String>,
@@ -919,7 +920,7 @@ impl Store for EmbeddedStore {
                 .events
                 .partition_point(|e| parse_event_id(&e.id).is_some_and(|id| id <= a)),
         };
-        Ok(st.events.iter().skip(start).take(limit).cloned().collect())
+        Ok(st.events.iter_from(start).take(limit).cloned().collect())
     }
 
     fn subscribe(&self) -> broadcast::Receiver<Event> {

@@ -1,0 +1,229 @@
+//! Collections of the in-memory mirror that grow with every webhook, built
+//! so that growing never stops the store for long.
+//!
+//! A `VecDeque` or a `HashMap` doubles its allocation when it fills up and
+//! moves everything it holds into the new one. Under the store's lock, that
+//! stopped every request thread: with about 250,000 events and claims kept
+//! (ten seconds of the benchmark), the lock was held for 10–24 ms at a time,
+//! and each doubling takes twice as long as the one before, so a gateway
+//! that keeps a week of events would stall for seconds. Here the events
+//! live in fixed-size chunks that never move, and the claims in many small
+//! maps, each of which grows on its own.
+
+use std::collections::hash_map::RandomState;
+use std::collections::{HashMap, VecDeque};
+use std::hash::BuildHasher;
+
+/// Events per chunk of an [`EventRing`].
+const CHUNK: usize = 4096;
+
+/// A FIFO of `T` (the feed's events, oldest first) in chunks of [`CHUNK`]:
+/// pushing at the back and popping at the front never move what is kept.
+/// Every chunk but the first and the last is full.
+pub struct Ring<T> {
+    chunks: VecDeque<VecDeque<T>>,
+    len: usize,
+}
+
+impl<T> Default for Ring<T> {
+    fn default() -> Ring<T> {
+        Ring {
+            chunks: VecDeque::new(),
+            len: 0,
+        }
+    }
+}
+
+impl<T> Ring<T> {
+    #[cfg(test)]
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn push_back(&mut self, item: T) {
+        match self.chunks.back_mut() {
+            Some(last) if last.len() < CHUNK => last.push_back(item),
+            _ => {
+                let mut chunk = VecDeque::with_capacity(CHUNK);
+                chunk.push_back(item);
+                self.chunks.push_back(chunk);
+            }
+        }
+        self.len += 1;
+    }
+
+    pub fn pop_front(&mut self) -> Option<T> {
+        let first = self.chunks.front_mut()?;
+        let item = first.pop_front();
+        if first.is_empty() {
+            self.chunks.pop_front();
+        }
+        if item.is_some() {
+            self.len -= 1;
+        }
+        item
+    }
+
+    pub fn front(&self) -> Option<&T> {
+        self.chunks.front().and_then(VecDeque::front)
+    }
+
+    pub fn back(&self) -> Option<&T> {
+        self.chunks.back().and_then(VecDeque::back)
+    }
+
+    /// The position of chunk `k`'s first item.
+    fn chunk_start(&self, k: usize) -> usize {
+        match k {
+            0 => 0,
+            _ => self.chunks[0].len() + (k - 1) * CHUNK,
+        }
+    }
+
+    /// The number of items for which `pred` holds, when it holds for a
+    /// prefix of the ring (as [`slice::partition_point`]).
+    pub fn partition_point(&self, mut pred: impl FnMut(&T) -> bool) -> usize {
+        // The first chunk whose last item fails; the point is inside it.
+        let k = self
+            .chunks
+            .partition_point(|c| c.back().is_some_and(&mut pred));
+        match self.chunks.get(k) {
+            Some(chunk) => self.chunk_start(k) + chunk.partition_point(pred),
+            None => self.len,
+        }
+    }
+
+    /// The items from position `start` on, in order.
+    pub fn iter_from(&self, start: usize) -> impl Iterator<Item = &T> {
+        let (k, offset) = if start >= self.len {
+            (self.chunks.len(), 0)
+        } else {
+            let first = self.chunks[0].len();
+            if start < first {
+                (0, start)
+            } else {
+                (1 + (start - first) / CHUNK, (start - first) % CHUNK)
+            }
+        };
+        self.chunks
+            .iter()
+            .skip(k)
+            .enumerate()
+            .flat_map(move |(n, c)| c.iter().skip(if n == 0 { offset } else { 0 }))
+    }
+}
+
+/// Maps in a [`Sharded`] map: each holds about 1/256 of the keys, so that
+/// one of them doubling moves that much.
+const SHARDS: usize = 256;
+
+/// A map from strings spread over [`SHARDS`] maps by the key's hash.
+pub struct Sharded<V> {
+    pick: RandomState,
+    shards: Box<[HashMap<String, V>]>,
+}
+
+impl<V> Default for Sharded<V> {
+    fn default() -> Sharded<V> {
+        Sharded {
+            pick: RandomState::new(),
+            shards: (0..SHARDS).map(|_| HashMap::new()).collect(),
+        }
+    }
+}
+
+impl<V> Sharded<V> {
+    fn shard(&self, key: &str) -> usize {
+        (self.pick.hash_one(key) as usize) % SHARDS
+    }
+
+    pub fn get(&self, key: &str) -> Option<&V> {
+        self.shards[self.shard(key)].get(key)
+    }
+
+    pub fn insert(&mut self, key: String, value: V) -> Option<V> {
+        let s = self.shard(&key);
+        self.shards[s].insert(key, value)
+    }
+
+    #[cfg(test)]
+    pub fn len(&self) -> usize {
+        self.shards.iter().map(HashMap::len).sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Against a plain `VecDeque` through pushes and pops that cross chunk
+    /// boundaries, the ring holds the same items in the same order, and
+    /// answers `partition_point` and `iter_from` the same at every position.
+    #[test]
+    fn a_ring_behaves_as_a_deque() {
+        let mut ring = Ring::default();
+        let mut deque = VecDeque::new();
+        let mut next = 0u64;
+        // Grow past several chunks, shrink from the front into the middle of
+        // one, grow again, and empty it.
+        for (push, pop) in [
+            (3 * CHUNK + 17, 0),
+            (0, CHUNK + 5),
+            (2 * CHUNK, 1),
+            (0, 4 * CHUNK + 11),
+        ] {
+            for _ in 0..push {
+                ring.push_back(next);
+                deque.push_back(next);
+                next += 1;
+            }
+            for _ in 0..pop {
+                assert_eq!(ring.pop_front(), deque.pop_front());
+            }
+            assert_eq!(ring.len(), deque.len());
+            assert_eq!(ring.front(), deque.front());
+            assert_eq!(ring.back(), deque.back());
+            let probes = [
+                0,
+                1,
+                CHUNK - 1,
+                CHUNK,
+                CHUNK + 1,
+                deque.len() / 2,
+                deque.len(),
+            ];
+            for p in probes.into_iter().filter(|p| *p <= deque.len()) {
+                let cut = deque.get(p).copied().unwrap_or(u64::MAX);
+                assert_eq!(
+                    ring.partition_point(|x| *x < cut),
+                    deque.partition_point(|x| *x < cut),
+                    "partition at {p}"
+                );
+                let got: Vec<u64> = ring.iter_from(p).take(CHUNK + 3).copied().collect();
+                let want: Vec<u64> = deque.iter().skip(p).take(CHUNK + 3).copied().collect();
+                assert_eq!(got, want, "from {p}");
+            }
+            assert_eq!(ring.iter_from(0).count(), deque.len());
+        }
+        assert_eq!(ring.len(), 0);
+        assert_eq!(ring.pop_front(), None);
+        assert_eq!(ring.partition_point(|_| true), 0);
+        assert_eq!(ring.iter_from(0).count(), 0);
+    }
+
+    #[test]
+    fn a_sharded_map_keeps_every_key() {
+        let mut map = Sharded::default();
+        for n in 0..10_000 {
+            assert_eq!(map.insert(format!("msg:sms:SM{n}"), n), None);
+        }
+        assert_eq!(map.insert("msg:sms:SM7".into(), 70), Some(7));
+        assert_eq!(map.len(), 10_000);
+        assert_eq!(map.get("msg:sms:SM7"), Some(&70));
+        assert_eq!(map.get("msg:sms:SM9999"), Some(&9999));
+        assert_eq!(map.get("msg:sms:SM10000"), None);
+        // Spread out: no shard holds more than twice its share.
+        let most = map.shards.iter().map(HashMap::len).max().unwrap();
+        assert!(most < 2 * 10_000 / SHARDS, "{most}");
+    }
+}
