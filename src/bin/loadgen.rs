@@ -341,12 +341,20 @@ async fn closed_loop(
     limit: usize,
     deadline: Option<Instant>,
 ) -> Vec<Sample> {
+    // Every sample has its room before the clock starts. The requests were
+    // built on this thread, so their memory belongs to its malloc arena, and
+    // the workers that free them take that arena's lock: an allocation here
+    // while they run (collecting a finished worker's samples) let glibc
+    // consolidate hundreds of thousands of freed chunks under that lock,
+    // and the last requests in flight waited 65–250 ms for it.
+    let share = limit.div_ceil(concurrency.max(1)) * 2 + 64;
+    let mut all = Vec::with_capacity(limit.min(share * concurrency));
     let mut workers = Vec::with_capacity(concurrency);
     for _ in 0..concurrency {
         let source = source.clone();
         let next = next.clone();
         workers.push(tokio::spawn(async move {
-            let mut samples = Vec::with_capacity(8192);
+            let mut samples = Vec::with_capacity(share.min(limit));
             loop {
                 if deadline.is_some_and(|d| Instant::now() >= d) {
                     break;
@@ -369,7 +377,6 @@ async fn closed_loop(
             samples
         }));
     }
-    let mut all = vec![];
     for w in workers {
         if let Ok(s) = w.await {
             all.extend(s);
