@@ -347,14 +347,22 @@ async fn closed_loop(
     // while they run (collecting a finished worker's samples) let glibc
     // consolidate hundreds of thousands of freed chunks under that lock,
     // and the last requests in flight waited 65–250 ms for it.
-    let share = limit.div_ceil(concurrency.max(1)) * 2 + 64;
-    let mut all = Vec::with_capacity(limit.min(share * concurrency));
+    // Without prebuilt requests (`/healthz`, `--same-sid`) there is no
+    // limit, and the workers build their own requests: no room is needed.
+    let (expected, share) = if !source.prebuilt.is_empty() {
+        let expected = limit.min(source.prebuilt.len());
+        let share = expected.div_ceil(concurrency.max(1)) * 2 + 64;
+        (expected, share.min(expected))
+    } else {
+        (0, 8192)
+    };
+    let mut all = Vec::with_capacity(expected);
     let mut workers = Vec::with_capacity(concurrency);
     for _ in 0..concurrency {
         let source = source.clone();
         let next = next.clone();
         workers.push(tokio::spawn(async move {
-            let mut samples = Vec::with_capacity(share.min(limit));
+            let mut samples = Vec::with_capacity(share);
             loop {
                 if deadline.is_some_and(|d| Instant::now() >= d) {
                     break;
