@@ -183,6 +183,33 @@ busy_cores() { # how many cores other processes keep busy, over one second
   echo "$busy $CLK_TCK" | awk '{printf "%.2f", $1 / $2}'
 }
 
+disk_activity() { # sectors written and discarded, and I/Os in flight, on every disk
+  awk '$3 !~ /^(loop|ram|zram)/ {n += $10 + $12 + $17} END {print n + 0}' /proc/diskstats
+}
+
+# After heavy writing (the disk probe's thousands of flushes, or a finished
+# store's data deleted), waits for a second in which no disk of this machine
+# writes or discards anything (up to $BENCH_QUIET_WAIT seconds), then
+# $BENCH_SETTLE seconds more (15): on a VM the host goes on writing what the
+# guest already flushed, where the guest cannot see it, and runs started
+# meanwhile came out slower. `/healthz` right after the disk probe: 40,625 /
+# 39,663 / 45,466 requests/s, against 44,172 / 49,527 / 55,425 ten seconds
+# after it (alternated). In the benchmark the baseline, run right after the
+# probe or a deleted store, answered 43–48k in 8 of one day's 11 runs, while
+# the same runs' `healthz-wide`, later, mostly answered 56–62k.
+SETTLE="${BENCH_SETTLE:-15}"
+settle_disk() {
+  sync
+  local a b
+  for _ in $(seq 1 "$QUIET_WAIT"); do
+    a="$(disk_activity)"
+    sleep 1
+    b="$(disk_activity)"
+    [ "$a" = "$b" ] && break
+  done
+  sleep "$SETTLE"
+}
+
 # The figures are only worth something on an otherwise idle machine: wait (up
 # to $BENCH_QUIET_WAIT seconds) for a second in which other processes use less
 # than a fifth of a core, then go on either way; every run reports the CPU time
@@ -224,6 +251,7 @@ for store in $STORES; do
       mkdir -p "$WORK/disk"
       line="$(timeout 60 "${NICE[@]}" target/release/loadgen --mode fsync --dir "$WORK/disk" --duration 5)"
       record disk "$line"
+      settle_disk
       ;;
     redis)
       ensure_redis || continue
@@ -258,6 +286,7 @@ for store in $STORES; do
   stop_server
   delete_keys
   rm -rf "$WORK/data-$store"
+  settle_disk
 done
 
 # The summary, as Markdown tables (what BENCHMARKS.md shows).
