@@ -7,8 +7,9 @@
 //! (ten seconds of the benchmark), the lock was held for 10–24 ms at a time,
 //! and each doubling takes twice as long as the one before, so a gateway
 //! that keeps a week of events would stall for seconds. Here the events
-//! live in fixed-size chunks that never move, and the claims in many small
-//! maps, each of which grows on its own.
+//! live in fixed-size chunks that never move, and the claims and contacts
+//! (which grow with every new sender) in many small maps, each of which
+//! grows on its own.
 
 use std::collections::hash_map::RandomState;
 use std::collections::{HashMap, VecDeque};

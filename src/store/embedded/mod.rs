@@ -78,8 +78,8 @@ struct State {
     /// Shared, so that a reader copies an interaction (its message list
     /// grows with the conversation) after letting go of the lock.
     interactions: HashMap<u64, Arc<Interaction>>,
-    contacts: HashMap<String, Contact>,
-    contact_keys: HashMap<String, String>,
+    contacts: mirror::Sharded<Contact>,
+    contact_keys: mirror::Sharded<String>,
     claims: mirror::Sharded<String>,
     events: mirror::Ring<Event>,
     last_event: (u64, u64),
