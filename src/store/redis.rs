@@ -595,6 +595,20 @@ impl RedisStore {
         }))
     }
 
+    /// A MULTI/EXEC pipeline that reads interaction `case`'s header (`head`,
+    /// and `json` for one an older gateway wrote); the caller adds what it
+    /// reads of the message list, so both come from one commit. Cheaper for
+    /// Redis than a script that builds the answer in Lua.
+    fn header_read(&self, case: u64) -> redis::Pipeline {
+        let mut read = redis::pipe();
+        read.atomic()
+            .cmd("HMGET")
+            .arg(self.keys.interaction(case))
+            .arg("head")
+            .arg("json");
+        read
+    }
+
     async fn conn(&self) -> StoreResult<Shared<'_>> {
         let cached = self.shared.lock().clone();
         let inner = match cached {
@@ -891,39 +905,23 @@ impl Store for RedisStore {
 
     async fn interaction(&self, case_number: u64) -> StoreResult<Option<Interaction>> {
         let mut conn = self.conn().await?;
-        // MULTI/EXEC, so the header and the messages are from one commit;
-        // cheaper for Redis than a script that builds the answer in Lua.
+        let mut read = self.header_read(case_number);
+        read.cmd("LRANGE")
+            .arg(self.keys.messages(case_number))
+            .arg(0)
+            .arg(-1);
         let ((head, whole), messages): ((Option<String>, Option<String>), Vec<String>) =
-            redis::pipe()
-                .atomic()
-                .cmd("HMGET")
-                .arg(self.keys.interaction(case_number))
-                .arg("head")
-                .arg("json")
-                .cmd("LRANGE")
-                .arg(self.keys.messages(case_number))
-                .arg(0)
-                .arg(-1)
-                .query_async(&mut conn)
-                .await
-                .map_err(unavailable)?;
+            read.query_async(&mut conn).await.map_err(unavailable)?;
         assemble(head, whole, ListRead::All(messages))
     }
 
     async fn interaction_to_append(&self, case_number: u64) -> StoreResult<Option<Interaction>> {
         let mut conn = self.conn().await?;
         // The header and how many messages there are, not the messages.
-        let ((head, whole), count): ((Option<String>, Option<String>), usize) = redis::pipe()
-            .atomic()
-            .cmd("HMGET")
-            .arg(self.keys.interaction(case_number))
-            .arg("head")
-            .arg("json")
-            .cmd("LLEN")
-            .arg(self.keys.messages(case_number))
-            .query_async(&mut conn)
-            .await
-            .map_err(unavailable)?;
+        let mut read = self.header_read(case_number);
+        read.cmd("LLEN").arg(self.keys.messages(case_number));
+        let ((head, whole), count): ((Option<String>, Option<String>), usize) =
+            read.query_async(&mut conn).await.map_err(unavailable)?;
         assemble(head, whole, ListRead::Length(count))
     }
 
