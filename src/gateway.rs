@@ -17,7 +17,7 @@ use crate::domain::{
 };
 use crate::manifest::{self, Manifest, MAX_ATTACHMENT_BYTES};
 use crate::metrics::Metrics;
-use crate::store::{Claim, Commit, DynStore, OutboxJob, StoreError};
+use crate::store::{Claim, Commit, DynStore, Listed, OutboxJob, StoreError};
 use chrono::{DateTime, Duration, Utc};
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -103,7 +103,9 @@ const MAX_RETRIES: usize = 32;
 enum Read {
     /// All of it, messages included.
     Whole,
-    /// What adding messages needs ([`crate::store::Store::interaction_to_append`]).
+    /// What adding messages needs ([`crate::store::Store::interaction_to_append`]):
+    /// everything but the stored messages. Also what a read that shows no
+    /// message takes.
     ToAppend,
 }
 
@@ -1803,7 +1805,7 @@ impl Gateway {
         &self,
         actor: &Actor,
         q: &ListQuery,
-    ) -> GResult<(Vec<Interaction>, Option<String>)> {
+    ) -> GResult<(Vec<Listed>, Option<String>)> {
         let mut queues = self.visible_queues(actor);
         if let Some(only) = &q.queue {
             if !queues.contains(only) {
@@ -1818,12 +1820,12 @@ impl Gateway {
             Actor::Agent(a) => Some(a.as_str()),
             Actor::Service(_) => None,
         };
-        let mut items: Vec<Interaction> = self
+        let mut items: Vec<Listed> = self
             .store
             .interactions_for(&queues, agent)
             .await?
             .into_iter()
-            .filter(|i| {
+            .filter(|Listed { interaction: i, .. }| {
                 let mine = agent.is_some() && i.assigned_to.as_deref() == agent;
                 let in_queues = queues.contains(&i.queue);
                 match q.view.as_str() {
@@ -1832,27 +1834,30 @@ impl Gateway {
                     _ => i.in_queue && (mine || (in_queues && i.assigned_to.is_none())),
                 }
             })
-            .filter(|i| q.status.is_none_or(|s| i.status == s))
-            .filter(|i| q.tags.is_empty() || i.tags.iter().any(|t| q.tags.contains(t)))
+            .filter(|l| q.status.is_none_or(|s| l.interaction.status == s))
+            .filter(|l| q.tags.is_empty() || l.interaction.tags.iter().any(|t| q.tags.contains(t)))
             .collect();
+        let by = |f: fn(&Interaction, &Interaction) -> std::cmp::Ordering| {
+            move |a: &Listed, b: &Listed| f(&a.interaction, &b.interaction)
+        };
         match q.sort.as_str() {
-            "priority" => items.sort_by(|a, b| {
+            "priority" => items.sort_by(by(|a, b| {
                 b.priority
                     .cmp(&a.priority)
                     .then(b.received_at.cmp(&a.received_at))
                     .then(a.case_number.cmp(&b.case_number))
-            }),
-            "channel" => items.sort_by(|a, b| {
+            })),
+            "channel" => items.sort_by(by(|a, b| {
                 a.channel_kind
                     .cmp(&b.channel_kind)
                     .then(b.received_at.cmp(&a.received_at))
                     .then(a.case_number.cmp(&b.case_number))
-            }),
-            _ => items.sort_by(|a, b| {
+            })),
+            _ => items.sort_by(by(|a, b| {
                 b.received_at
                     .cmp(&a.received_at)
                     .then(a.case_number.cmp(&b.case_number))
-            }),
+            })),
         }
         let offset: usize = q
             .cursor
@@ -1861,14 +1866,16 @@ impl Gateway {
             .unwrap_or(0);
         let limit = q.limit.clamp(1, 500);
         let total = items.len();
-        let page: Vec<Interaction> = items.into_iter().skip(offset).take(limit).collect();
+        let page: Vec<Listed> = items.into_iter().skip(offset).take(limit).collect();
         let next = (offset + limit < total).then(|| (offset + limit).to_string());
         Ok((page, next))
     }
 
-    /// Contact details: the caller's own notes and the contact's other interactions.
+    /// Contact details: the caller's own notes and the contact's other
+    /// interactions. It shows no message, so it reads none: a regular
+    /// customer's history would otherwise copy every conversation they had.
     pub async fn contact_details(&self, actor: &Actor, case: u64) -> GResult<serde_json::Value> {
-        let i = self.visible(actor, case).await?;
+        let i = self.read_visible(actor, case, Read::ToAppend).await?;
         let contact = self.store.contact_by_id(&i.contact_id).await?;
         let notes = match actor {
             Actor::Agent(a) => self.store.note(a, &i.contact_id).await?,
@@ -1880,7 +1887,7 @@ impl Gateway {
                 if *case_number == case {
                     continue;
                 }
-                if let Some(h) = self.store.interaction(*case_number).await? {
+                if let Some(h) = self.store.interaction_to_append(*case_number).await? {
                     let mut v = h.to_api(Some(actor.id()), None);
                     v.as_object_mut().map(|o| o.remove("messages"));
                     history.push(v);
@@ -2029,8 +2036,11 @@ impl Gateway {
         (now.timestamp() <= expires).then_some((case, att))
     }
 
-    pub fn unread_count(&self, items: &[Interaction], agent: &str) -> usize {
-        items.iter().filter(|i| i.unread_for(agent)).count()
+    pub fn unread_count(&self, items: &[Listed], agent: &str) -> usize {
+        items
+            .iter()
+            .filter(|l| l.interaction.unread_for(agent))
+            .count()
     }
 }
 

@@ -975,6 +975,13 @@ async fn mms_media_is_stored_and_a_failed_download_is_marked() {
         "{}",
         atts[1]
     );
+    // The store keeps the failed file's provider URL to retry it, but
+    // agents never see it: not in the thread, and not in the list's
+    // preview of the latest message, which shows it as the thread does.
+    assert!(atts[1].get("source_url").is_none(), "{}", atts[1]);
+    let (_, list) = app.get(ANNE, "/api/v1/interactions?view=all").await;
+    assert_eq!(list["items"][0]["last_message"], i["messages"][0]);
+    assert_eq!(list["items"][0]["messages"], json!([]));
     let id = atts[0]["id"].as_str().unwrap();
     let r = app
         .http

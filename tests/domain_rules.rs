@@ -791,6 +791,10 @@ fn unread_is_per_agent_and_set_by_customer_messages_after_opening() {
     );
     i.receive(inbound("m2", "more", t(3)), t(3), false);
     assert!(i.unread_for("anne"), "customer wrote after anne opened it");
+    assert!(
+        i.without_messages().unread_for("anne"),
+        "lists carry no messages: the header alone tells"
+    );
     i.assign(&anne(), "anne", t(4)).unwrap();
     assert!(!i.unread_for("anne"), "re-opening marks it read");
     i.assign(&router(), "bob", t(5)).unwrap();
@@ -809,6 +813,7 @@ fn unread_is_false_without_any_customer_message() {
         .unwrap();
     assert!(!i.unread_for("anne"));
     assert!(!i.unread_for("bob"));
+    assert!(!i.without_messages().unread_for("bob"));
 }
 
 // --------------------------------------------------------------------- API shape

@@ -16,12 +16,13 @@ use std::sync::Arc;
 use std::time::Duration;
 use switchboard::domain::{Actor, Contact, Event, Interaction, Refusal};
 use switchboard::gateway::{Gateway, GatewayError};
-use switchboard::store::{Commit, DynStore, OutboxJob, Store, StoreResult};
+use switchboard::store::{Commit, DynStore, Listed, OutboxJob, Store, StoreResult};
 use tokio::sync::broadcast;
 
 on_both_stores!(
     a_reply_reads_no_stored_message,
     a_reply_to_a_message_reads_the_conversation_to_find_it,
+    contact_details_read_no_message,
 );
 
 /// The real store, counting whole-interaction reads.
@@ -49,7 +50,7 @@ impl Store for Counting {
         &self,
         queues: &[String],
         agent: Option<&str>,
-    ) -> StoreResult<Vec<Interaction>> {
+    ) -> StoreResult<Vec<Listed>> {
         self.inner.interactions_for(queues, agent).await
     }
     async fn contact(&self, key: &str) -> StoreResult<Option<Contact>> {
@@ -223,4 +224,41 @@ async fn a_reply_to_a_message_reads_the_conversation_to_find_it(b: Backend) {
         "{err}"
     );
     assert_eq!(texts(&app.interaction(case).await).len(), 4);
+}
+
+/// The contact panel shows the contact's interactions without their
+/// messages, so it reads none: not the open one's, not the history's.
+async fn contact_details_read_no_message(b: Backend) {
+    let app = TestApp::start_with(b, "", |s| s.server.new_interaction_after_hours = 0).await;
+    let first = conversation(&app).await;
+    let (s, _) = app
+        .post(
+            ANNE,
+            &format!("/api/v1/interactions/{first}/end"),
+            json!({"disposition": {"related_case": "CRM-7"}}),
+        )
+        .await;
+    assert_eq!(s, 200);
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let (s, _) = app.sms_from("+14158675309", "again", "SMread9").await;
+    assert_eq!(s, 200);
+    let (_, list) = app.get(ANNE, "/api/v1/interactions").await;
+    let second = list["items"][0]["case_number"].as_u64().unwrap();
+    assert_ne!(second, first);
+
+    let (gateway, store) = counted(&app);
+    let anne = Actor::Agent("anne".into());
+    let details = gateway.contact_details(&anne, second).await.unwrap();
+    assert_eq!(store.whole.load(Ordering::SeqCst), 0);
+    assert_eq!(details["case_number"], second);
+    assert_eq!(details["digital_id"], "+14158675309");
+    let history = details["history"].as_array().unwrap();
+    assert_eq!(history.len(), 1, "{details}");
+    assert_eq!(history[0]["case_number"], first);
+    assert_eq!(history[0]["related_case"], "CRM-7");
+    assert!(history[0]["ended_at"].is_string(), "{details}");
+    assert!(history[0].get("messages").is_none());
+    // Still only what Anne may see.
+    let carol = Actor::Agent("carol".into());
+    assert!(gateway.contact_details(&carol, second).await.is_err());
 }

@@ -20,7 +20,7 @@ use switchboard::domain::{
 };
 use switchboard::store::embedded::EmbeddedStore;
 use switchboard::store::redis::RedisStore;
-use switchboard::store::{Claim, Commit, DynStore, OutboxJob, StoreError};
+use switchboard::store::{Claim, Commit, DynStore, Listed, OutboxJob, StoreError};
 
 const RETENTION: Duration = Duration::from_secs(168 * 3600);
 const WAIT: Duration = Duration::from_secs(5);
@@ -127,6 +127,7 @@ contract!(
     event_ids_strictly_increase_and_page_with_after,
     subscribers_receive_committed_events_in_order,
     interactions_for_follows_queue_and_assignee,
+    interactions_for_leaves_out_every_message_but_the_latest,
     contact_by_id_finds_the_stored_contact,
     case_numbers_are_unique_and_start_at_1001,
     outbox_leases_a_due_job_once_until_its_lease_expires,
@@ -266,8 +267,8 @@ fn ids(jobs: &[OutboxJob]) -> BTreeSet<String> {
     jobs.iter().map(|j| j.id.clone()).collect()
 }
 
-fn cases(interactions: &[Interaction]) -> Vec<u64> {
-    let mut c: Vec<u64> = interactions.iter().map(|i| i.case_number).collect();
+fn cases(listed: &[Listed]) -> Vec<u64> {
+    let mut c: Vec<u64> = listed.iter().map(|l| l.interaction.case_number).collect();
     c.sort();
     c
 }
@@ -804,6 +805,47 @@ async fn subscribers_receive_committed_events_in_order(store: DynStore) {
     }
 }
 
+/// What `interactions_for` must give for `i`: it without its messages, and
+/// its latest message.
+fn as_listed(i: &Interaction) -> Listed {
+    Listed {
+        interaction: i.without_messages(),
+        last_message: i.messages.last().cloned(),
+    }
+}
+
+/// A list shows each interaction with its latest message only: the others
+/// are neither read nor copied, however long the conversation.
+async fn interactions_for_leaves_out_every_message_but_the_latest(store: DynStore) {
+    let first = stored_interaction(&store, "15551110009", "support").await;
+    let case = first.case_number;
+    let mut i = first;
+    for text in ["second", "third, the latest"] {
+        let now = Utc::now();
+        i.receive(inbound(text, now), now, false);
+        commit_interaction(&store, i).await.unwrap();
+        i = store.interaction(case).await.unwrap().unwrap();
+    }
+    assert_eq!(i.messages.len(), 3);
+    let listed = store
+        .interactions_for(&["support".to_string()], None)
+        .await
+        .unwrap();
+    assert_eq!(listed.len(), 1);
+    let l = &listed[0];
+    assert!(
+        l.interaction.messages.is_empty(),
+        "{:?}",
+        l.interaction.messages
+    );
+    assert_eq!(l.interaction.version, i.version);
+    assert_eq!(
+        l.last_message.as_deref().map(|m| m.text.as_str()),
+        Some("third, the latest")
+    );
+    assert_eq!(listed, [as_listed(&i)]);
+}
+
 /// Agents' lists come from `interactions_for`: an interaction must show in
 /// its current queue and for its current assignee only, also after it moves.
 async fn interactions_for_follows_queue_and_assignee(store: DynStore) {
@@ -826,7 +868,7 @@ async fn interactions_for_follows_queue_and_assignee(store: DynStore) {
 
     let listed = store.interactions_for(&support, None).await.unwrap();
     assert_eq!(cases(&listed), [c1, c3]);
-    assert!(listed.contains(&i1), "full interactions");
+    assert!(listed.contains(&as_listed(&i1)), "as stored");
     assert_eq!(
         cases(&store.interactions_for(&sales, Some("bob")).await.unwrap()),
         [c2, c3]
@@ -1803,7 +1845,7 @@ async fn redis_writes_only_the_new_and_the_changed_messages() {
             .interactions_for(&["support".into()], None)
             .await
             .unwrap(),
-        vec![read]
+        vec![as_listed(&read)]
     );
 }
 
@@ -1883,7 +1925,7 @@ async fn redis_an_interaction_stored_whole_by_an_older_gateway_is_read_and_moved
             .interactions_for(&["support".into()], None)
             .await
             .unwrap(),
-        vec![old.clone()]
+        vec![as_listed(&old)]
     );
 
     let mut next = read;

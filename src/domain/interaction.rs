@@ -831,14 +831,11 @@ impl Interaction {
         events
     }
 
-    /// Unread for an agent: a customer message arrived after they last opened it.
+    /// Unread for an agent: a customer message arrived after they last
+    /// opened it. Only a customer message sets `last_customer_at`, so this
+    /// reads no message (lists carry none).
     pub fn unread_for(&self, agent: &str) -> bool {
-        let last_inbound = self
-            .messages
-            .iter()
-            .rev()
-            .find(|m| m.direction == Direction::Inbound);
-        match (last_inbound, self.opened_by.get(agent)) {
+        match (self.last_customer_at, self.opened_by.get(agent)) {
             (None, _) => false,
             (Some(_), None) => true,
             (Some(_), Some(opened)) => self.received_at > *opened,

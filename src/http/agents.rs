@@ -4,9 +4,10 @@ use super::auth::{Caller, SESSION_COOKIE};
 use super::problem::{ApiError, ApiResult};
 use super::State;
 use crate::config::QueueKind;
-use crate::domain::{Actor, Status};
+use crate::domain::{Actor, Message, Status};
 use crate::gateway::{parse_target, ListQuery, Upload};
 use crate::manifest::{self, MAX_ATTACHMENT_BYTES};
+use crate::store::Listed;
 use actix_multipart::Multipart;
 use actix_web::cookie::{Cookie, SameSite};
 use actix_web::{web, HttpRequest, HttpResponse};
@@ -169,7 +170,7 @@ async fn tags(state: web::Data<State>, Caller(actor): Caller) -> ApiResult<HttpR
             },
         )
         .await?;
-    let mut tags: Vec<String> = items.into_iter().flat_map(|i| i.tags).collect();
+    let mut tags: Vec<String> = items.into_iter().flat_map(|l| l.interaction.tags).collect();
     tags.sort();
     tags.dedup();
     Ok(HttpResponse::Ok().json(json!({"items": tags})))
@@ -229,14 +230,19 @@ async fn list(
     let now = Utc::now();
     let items: Vec<Value> = items
         .iter()
-        .map(|i| {
-            let mut v = i.to_api(Some(actor.id()), state.gateway.window(i, now));
-            // The list carries the latest message as a preview, not the whole thread.
-            let last = i.messages.last().cloned();
-            v["messages"] = json!([]);
-            v["last_message"] = json!(last);
-            v
-        })
+        .map(
+            |Listed {
+                 interaction: i,
+                 last_message,
+             }| {
+                let mut v = i.to_api(Some(actor.id()), state.gateway.window(i, now));
+                // The list carries the latest message as a preview, not the
+                // whole thread (the store left the others out), shown as the
+                // thread shows it.
+                v["last_message"] = json!(last_message.as_deref().map(Message::public_view));
+                v
+            },
+        )
         .collect();
     Ok(HttpResponse::Ok().json(json!({"items": items, "next_cursor": next})))
 }

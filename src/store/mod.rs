@@ -13,7 +13,7 @@
 pub mod embedded;
 pub mod redis;
 
-use crate::domain::{Contact, Event, EventDraft, Interaction};
+use crate::domain::{Contact, Event, EventDraft, Interaction, Message};
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
@@ -63,6 +63,17 @@ pub struct Claim {
     pub value: String,
 }
 
+/// An interaction as an agent's list shows it: everything but its messages
+/// ([`Interaction::without_messages`]), and the latest message as a
+/// preview. A list holds every interaction of the agent's queues, and a long
+/// conversation's messages would otherwise be copied for each, on every
+/// list an agent loads.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Listed {
+    pub interaction: Interaction,
+    pub last_message: Option<Arc<Message>>,
+}
+
 /// One atomic change. Everything in it is written, or nothing is.
 #[derive(Debug, Default)]
 pub struct Commit {
@@ -92,18 +103,20 @@ pub trait Store: Send + Sync + 'static {
 
     async fn next_case_number(&self) -> StoreResult<u64>;
     async fn interaction(&self, case_number: u64) -> StoreResult<Option<Interaction>>;
-    /// Interactions sitting in any of `queues`, plus those assigned to `agent`.
+    /// Interactions sitting in any of `queues`, plus those assigned to
+    /// `agent`, without their messages but the latest.
     async fn interactions_for(
         &self,
         queues: &[String],
         agent: Option<&str>,
-    ) -> StoreResult<Vec<Interaction>>;
+    ) -> StoreResult<Vec<Listed>>;
     async fn contact(&self, key: &str) -> StoreResult<Option<Contact>>;
     async fn contact_by_id(&self, id: &str) -> StoreResult<Option<Contact>>;
     /// The value a claim or index entry holds.
     async fn lookup(&self, key: &str) -> StoreResult<Option<String>>;
     /// The interaction `case_number` for adding messages to it and nothing
-    /// else (what receiving a message does): a store may leave the stored
+    /// else (what receiving a message does), or for showing it without its
+    /// messages (a contact's history): a store may leave the stored
     /// messages out (see [`crate::domain::StoredMessages::left_out`]; both
     /// stores do), so that a new message costs the same however long the
     /// conversation. Only the store that handed it out takes it back, and

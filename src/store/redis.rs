@@ -51,7 +51,7 @@
 //! has stored, so this backend targets a single Redis (or a primary with
 //! replicas), not Redis Cluster.
 
-use super::{Commit, OutboxJob, OutboxRecord, Store, StoreError, StoreResult};
+use super::{Commit, Listed, OutboxJob, OutboxRecord, Store, StoreError, StoreResult};
 use crate::domain::{parse_event_id, Contact, Event, Interaction, Message, StoredMessages};
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
@@ -228,17 +228,17 @@ redis.call('SET', KEYS[1], ARGV[1], 'NX')
 return redis.call('INCR', KEYS[1])
 "#;
 
-/// One interaction, for [`INTERACTIONS_FOR_LUA`], as [`read_interaction`]
-/// takes it: `{'head', header, message...}`, `{'json', document}` (written
-/// by an older gateway), or nothing. `key` is its hash; its messages are at
-/// `key .. ':messages'`.
-const READ_ONE_LUA: &str = r#"
-local function read_one(key)
+/// One interaction as a list shows it, for [`INTERACTIONS_FOR_LUA`], as
+/// [`read_listed`] takes it: `{'head', header}` or `{'head', header, latest
+/// message}`, `{'json', document}` (written by an older gateway), or
+/// nothing. `key` is its hash; its messages are at `key .. ':messages'`.
+const LIST_ONE_LUA: &str = r#"
+local function list_one(key)
   local h = redis.call('HMGET', key, 'head', 'json')
   if h[1] then
-    local out = {'head', h[1]}
-    for _, m in ipairs(redis.call('LRANGE', key .. ':messages', 0, -1)) do out[#out + 1] = m end
-    return out
+    local last = redis.call('LINDEX', key .. ':messages', -1)
+    if last then return {'head', h[1], last} end
+    return {'head', h[1]}
   elseif h[2] then
     return {'json', h[2]}
   end
@@ -252,7 +252,7 @@ const INTERACTIONS_FOR_LUA: &str = r#"
 local cases = redis.call('SUNION', unpack(KEYS))
 local out = {}
 for _, case in ipairs(cases) do
-  local one = read_one(ARGV[1] .. case)
+  local one = list_one(ARGV[1] .. case)
   if #one > 0 then out[#out + 1] = one end
 end
 return out
@@ -379,7 +379,7 @@ impl Scripts {
         Scripts {
             commit: Script::new(COMMIT_LUA),
             next_case: Script::new(NEXT_CASE_LUA),
-            interactions_for: Script::new(&format!("{READ_ONE_LUA}{INTERACTIONS_FOR_LUA}")),
+            interactions_for: Script::new(&format!("{LIST_ONE_LUA}{INTERACTIONS_FOR_LUA}")),
             contact_by_id: Script::new(CONTACT_BY_ID_LUA),
             outbox_lease: Script::new(OUTBOX_LEASE_LUA),
             outbox_reschedule: Script::new(OUTBOX_RESCHEDULE_LUA),
@@ -500,17 +500,28 @@ fn assemble(
     }
 }
 
-/// An interaction from the parts [`READ_ONE_LUA`] returns.
-fn read_interaction(parts: Vec<String>) -> StoreResult<Option<Interaction>> {
+/// A listed interaction from the parts [`LIST_ONE_LUA`] returns.
+fn read_listed(parts: Vec<String>) -> StoreResult<Option<Listed>> {
     let mut parts = parts.into_iter();
-    match (parts.next().as_deref(), parts.next()) {
-        (None, _) => Ok(None),
-        (Some("json"), Some(doc)) => assemble(None, Some(doc), ListRead::All(vec![])),
-        (Some("head"), Some(head)) => assemble(Some(head), None, ListRead::All(parts.collect())),
-        (kind, _) => Err(unavailable(format!(
-            "unexpected answer reading an interaction: {kind:?}"
-        ))),
-    }
+    let whole = match (parts.next().as_deref(), parts.next()) {
+        (None, _) => return Ok(None),
+        (Some("json"), Some(doc)) => assemble(None, Some(doc), ListRead::All(vec![]))?,
+        (Some("head"), Some(head)) => assemble(Some(head), None, ListRead::All(parts.collect()))?,
+        (kind, _) => {
+            return Err(unavailable(format!(
+                "unexpected answer reading an interaction: {kind:?}"
+            )))
+        }
+    };
+    Ok(whole.map(|mut i| {
+        let last_message = i.messages.pop();
+        i.messages = vec![];
+        i.stored = StoredMessages::default();
+        Listed {
+            interaction: i,
+            last_message,
+        }
+    }))
 }
 
 fn json<T: serde::Serialize>(v: &T) -> String {
@@ -929,7 +940,7 @@ impl Store for RedisStore {
         &self,
         queues: &[String],
         agent: Option<&str>,
-    ) -> StoreResult<Vec<Interaction>> {
+    ) -> StoreResult<Vec<Listed>> {
         let mut sets: Vec<String> = queues.iter().map(|q| self.keys.queue(q)).collect();
         if let Some(a) = agent {
             sets.push(self.keys.assigned(a));
@@ -948,7 +959,7 @@ impl Store for RedisStore {
             .map_err(unavailable)?;
         let mut out = Vec::with_capacity(raw.len());
         for parts in raw {
-            out.extend(read_interaction(parts)?);
+            out.extend(read_listed(parts)?);
         }
         Ok(out)
     }

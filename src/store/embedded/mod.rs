@@ -25,7 +25,7 @@
 //! the conversation is. Message records are keyed in the order they were
 //! first written, so new ones append to the end of their table.
 
-use super::{Commit, OutboxJob, OutboxRecord, Store, StoreError, StoreResult};
+use super::{Commit, Listed, OutboxJob, OutboxRecord, Store, StoreError, StoreResult};
 use crate::domain::{parse_event_id, Contact, Event, Interaction, Message, StoredMessages};
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
@@ -847,7 +847,7 @@ impl Store for EmbeddedStore {
         &self,
         queues: &[String],
         agent: Option<&str>,
-    ) -> StoreResult<Vec<Interaction>> {
+    ) -> StoreResult<Vec<Listed>> {
         let shared: Vec<Arc<Interaction>> = {
             let st = self.state.lock();
             st.interactions
@@ -859,7 +859,13 @@ impl Store for EmbeddedStore {
                 .cloned()
                 .collect()
         };
-        Ok(shared.into_iter().map(Arc::unwrap_or_clone).collect())
+        Ok(shared
+            .into_iter()
+            .map(|i| Listed {
+                interaction: i.without_messages(),
+                last_message: i.messages.last().cloned(),
+            })
+            .collect())
     }
 
     async fn contact(&self, key: &str) -> StoreResult<Option<Contact>> {
