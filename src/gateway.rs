@@ -1918,7 +1918,7 @@ impl Gateway {
         let queues = self.visible_queues(actor);
         let mut allowed = false;
         for case in &contact.cases {
-            if let Some(i) = self.store.interaction(*case).await? {
+            if let Some(i) = self.store.interaction_to_append(*case).await? {
                 if queues.contains(&i.queue) || i.assigned_to.as_deref() == Some(agent) {
                     allowed = true;
                     break;
@@ -1935,12 +1935,14 @@ impl Gateway {
         Ok(())
     }
 
-    /// Whether an event concerns one of the actor's queues (for SSE).
+    /// Whether an event concerns one of the actor's queues (for SSE and the
+    /// feed). Asked for every event an agent's stream or page holds, so it
+    /// reads the interaction without its messages.
     pub async fn event_visible(&self, actor: &Actor, queues: &[String], e: &Event) -> bool {
         if matches!(actor, Actor::Service(_)) {
             return true;
         }
-        match self.store.interaction(e.case_number).await {
+        match self.store.interaction_to_append(e.case_number).await {
             Ok(Some(i)) => {
                 queues.contains(&i.queue)
                     || i.assigned_to.as_deref() == Some(actor.id())
@@ -1953,7 +1955,7 @@ impl Gateway {
     /// Marks an SMS contact opted out because the provider said so (Twilio
     /// 21610: the recipient sent STOP where we did not see it).
     pub async fn mark_opted_out(&self, case: u64) -> GResult<()> {
-        let Some(i) = self.store.interaction(case).await? else {
+        let Some(i) = self.store.interaction_to_append(case).await? else {
             return Ok(());
         };
         let key = contact_key(i.channel_kind, &i.channel_id, &i.digital_id);

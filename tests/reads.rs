@@ -23,6 +23,7 @@ on_both_stores!(
     a_reply_reads_no_stored_message,
     a_reply_to_a_message_reads_the_conversation_to_find_it,
     contact_details_read_no_message,
+    event_checks_notes_and_opt_outs_read_no_message,
 );
 
 /// The real store, counting whole-interaction reads.
@@ -261,4 +262,60 @@ async fn contact_details_read_no_message(b: Backend) {
     // Still only what Anne may see.
     let carol = Actor::Agent("carol".into());
     assert!(gateway.contact_details(&carol, second).await.is_err());
+}
+
+/// An agent's event stream asks, for every event, whether its interaction
+/// is in the agent's queues; saving notes and a provider's opt-out ask
+/// similar questions. None of them needs a message, so none reads one.
+async fn event_checks_notes_and_opt_outs_read_no_message(b: Backend) {
+    let app = TestApp::start(b).await;
+    let case = conversation(&app).await;
+    let events = app.gateway.store.events_after(None, 100).await.unwrap();
+    assert!(events.len() >= 4, "{events:?}");
+    let i = app.interaction(case).await;
+    let contact_id = i["contact"]["id"].as_str().unwrap().to_string();
+    let (gateway, store) = counted(&app);
+
+    let anne = Actor::Agent("anne".into());
+    let carol = Actor::Agent("carol".into());
+    for e in &events {
+        let anne_queues = gateway.visible_queues(&anne);
+        assert!(gateway.event_visible(&anne, &anne_queues, e).await, "{e:?}");
+        let carol_queues = gateway.visible_queues(&carol);
+        assert!(
+            !gateway.event_visible(&carol, &carol_queues, e).await,
+            "{e:?}"
+        );
+    }
+    gateway
+        .put_notes(&anne, &contact_id, "prefers SMS")
+        .await
+        .unwrap();
+    let err = gateway
+        .put_notes(&carol, &contact_id, "not hers")
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, GatewayError::Refused(Refusal::NotPermitted(_))),
+        "{err}"
+    );
+    gateway.mark_opted_out(case).await.unwrap();
+    assert_eq!(store.whole.load(Ordering::SeqCst), 0);
+
+    assert_eq!(
+        app.gateway.store.note("anne", &contact_id).await.unwrap(),
+        Some("prefers SMS".to_string())
+    );
+    assert_eq!(
+        app.gateway.store.note("carol", &contact_id).await.unwrap(),
+        None
+    );
+    let contact = app
+        .gateway
+        .store
+        .contact_by_id(&contact_id)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(contact.opted_out);
 }
