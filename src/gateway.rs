@@ -1065,7 +1065,9 @@ impl Gateway {
             .await
     }
 
-    /// Moves a message's delivery status (never backwards) and stores the events.
+    /// Moves a message's delivery status (never backwards) and stores the
+    /// events. Reads that message alone, however long the conversation: a
+    /// reply's statuses come back several times each.
     pub async fn apply_delivery(
         &self,
         case: u64,
@@ -1076,7 +1078,11 @@ impl Gateway {
         claim: Option<String>,
     ) -> GResult<bool> {
         for _ in 0..MAX_RETRIES {
-            let Some(mut i) = self.store.interaction(case).await? else {
+            let Some(mut i) = self
+                .store
+                .interaction_with_message(case, message_id)
+                .await?
+            else {
                 return Ok(true);
             };
             let events = i.apply_delivery(

@@ -279,7 +279,11 @@ async fn record(
     error: Option<String>,
 ) -> Result<(), StoreError> {
     for _ in 0..32 {
-        let Some(mut i) = g.store.interaction(job.case_number).await? else {
+        let Some(mut i) = g
+            .store
+            .interaction_with_message(job.case_number, &job.message_id)
+            .await?
+        else {
             return Ok(());
         };
         let events = i.apply_delivery(

@@ -14,16 +14,19 @@ use serde_json::json;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
-use switchboard::domain::{Actor, Contact, Event, Interaction, Refusal};
+use switchboard::domain::{Actor, Contact, DeliveryStatus, Event, Interaction, Refusal};
 use switchboard::gateway::{Gateway, GatewayError};
 use switchboard::store::{Commit, DynStore, Listed, OutboxJob, Store, StoreResult};
 use tokio::sync::broadcast;
+use wiremock::matchers::{method, path};
+use wiremock::{Mock, ResponseTemplate};
 
 on_both_stores!(
     a_reply_reads_no_stored_message,
     a_reply_to_a_message_reads_the_conversation_to_find_it,
     contact_details_read_no_message,
     event_checks_notes_and_opt_outs_read_no_message,
+    a_delivery_status_reads_only_its_message,
 );
 
 /// The real store, counting whole-interaction reads.
@@ -46,6 +49,15 @@ impl Store for Counting {
     }
     async fn interaction_to_append(&self, case_number: u64) -> StoreResult<Option<Interaction>> {
         self.inner.interaction_to_append(case_number).await
+    }
+    async fn interaction_with_message(
+        &self,
+        case_number: u64,
+        message_id: &str,
+    ) -> StoreResult<Option<Interaction>> {
+        self.inner
+            .interaction_with_message(case_number, message_id)
+            .await
     }
     async fn interactions_for(
         &self,
@@ -318,4 +330,48 @@ async fn event_checks_notes_and_opt_outs_read_no_message(b: Backend) {
         .unwrap()
         .unwrap();
     assert!(contact.opted_out);
+}
+
+/// A reply's statuses come back one by one (sent, delivered, read); each
+/// reads the reply alone, not the conversation, and never moves it back.
+async fn a_delivery_status_reads_only_its_message(b: Backend) {
+    let app = TestApp::start(b).await;
+    let case = conversation(&app).await;
+    Mock::given(method("POST"))
+        .and(path(format!(
+            "/2010-04-01/Accounts/{ACCOUNT_SID}/Messages.json"
+        )))
+        .respond_with(ResponseTemplate::new(201).set_body_json(twilio_created("SMstatus1")))
+        .mount(&app.twilio)
+        .await;
+    let (s, v) = app
+        .post(
+            ANNE,
+            &format!("/api/v1/interactions/{case}/replies"),
+            json!({"text": "four"}),
+        )
+        .await;
+    assert_eq!(s, 202, "{v}");
+    app.wait_for(case, "the reply sent", |i| {
+        i["messages"][3]["status"] == "sent"
+    })
+    .await;
+    let reply = app.interaction(case).await["messages"][3]["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+
+    let (gateway, store) = counted(&app);
+    for status in [DeliveryStatus::Delivered, DeliveryStatus::Sent] {
+        gateway
+            .apply_delivery(case, &reply, status, None, None, None)
+            .await
+            .unwrap();
+    }
+    assert_eq!(store.whole.load(Ordering::SeqCst), 0);
+    let i = app.interaction(case).await;
+    assert_eq!(texts(&i), ["one", "two", "three", "four"]);
+    assert_eq!(i["messages"][3]["status"], "delivered", "not back to sent");
+    assert_eq!(i["messages"][3]["provider_id"], "SMstatus1");
+    assert_eq!(i["messages"][0]["status"], "received");
 }

@@ -122,6 +122,7 @@ contract!(
     claim_is_taken_once_and_keeps_its_first_value,
     a_claim_and_a_contact_are_read_together,
     an_interaction_read_to_append_takes_a_new_message,
+    an_interaction_read_for_one_message_changes_only_that_one,
     commit_with_one_duplicate_claim_writes_nothing,
     index_entries_overwrite_and_answer_lookups,
     event_ids_strictly_increase_and_page_with_after,
@@ -630,6 +631,90 @@ async fn an_interaction_read_to_append_takes_a_new_message(store: DynStore) {
         ]
     );
     assert_eq!(store.interaction_to_append(9999).await.unwrap(), None);
+}
+
+/// A delivery's result or a status callback reads the one message it is
+/// about: the commit changes that message where it is stored, appends any
+/// message added, and leaves the others as they are. A conversation that
+/// changed since the read is a conflict.
+async fn an_interaction_read_for_one_message_changes_only_that_one(store: DynStore) {
+    let mut i = stored_interaction(&store, "15551234567", "support").await;
+    let case = i.case_number;
+    for text in ["second", "third"] {
+        let now = Utc::now();
+        i.receive(inbound(text, now), now, false);
+        commit_interaction(&store, i).await.unwrap();
+        i = store.interaction(case).await.unwrap().unwrap();
+    }
+    let texts =
+        |i: &Interaction| -> Vec<String> { i.messages.iter().map(|m| m.text.clone()).collect() };
+    let second = i.messages[1].clone();
+
+    let mut one = store
+        .interaction_with_message(case, &second.id)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(one.messages, std::slice::from_ref(&second));
+    assert_eq!(one.version, i.version);
+    assert_eq!(one.queue, i.queue);
+    Arc::make_mut(&mut one.messages[0]).status = DeliveryStatus::Read;
+    let now = Utc::now();
+    one.receive(inbound("fourth, with it", now), now, false);
+    commit_interaction(&store, one).await.unwrap();
+    let read = store.interaction(case).await.unwrap().unwrap();
+    assert_eq!(read.version, i.version + 1);
+    assert_eq!(
+        texts(&read),
+        [
+            "Hi, my order #4411 has not arrived",
+            "second",
+            "third",
+            "fourth, with it"
+        ]
+    );
+    assert_eq!(read.messages[1].status, DeliveryStatus::Read);
+    assert_eq!(read.messages[0], i.messages[0]);
+    assert_eq!(read.messages[2], i.messages[2]);
+
+    // A message it does not hold: the interaction, without messages; a
+    // change to it keeps every stored message.
+    let mut none = store
+        .interaction_with_message(case, "m-none")
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(none.messages.is_empty());
+    none.priority = 5;
+    commit_interaction(&store, none).await.unwrap();
+    let read = store.interaction(case).await.unwrap().unwrap();
+    assert_eq!(read.priority, 5);
+    assert_eq!(read.messages.len(), 4);
+
+    // Read for one message; another change lands in between.
+    let mut late = store
+        .interaction_with_message(case, &second.id)
+        .await
+        .unwrap()
+        .unwrap();
+    let mut other = store.interaction_to_append(case).await.unwrap().unwrap();
+    let now = Utc::now();
+    other.receive(inbound("fifth", now), now, false);
+    commit_interaction(&store, other).await.unwrap();
+    Arc::make_mut(&mut late.messages[0]).status = DeliveryStatus::Failed;
+    let refused = commit_interaction(&store, late).await;
+    assert!(matches!(refused, Err(StoreError::Conflict)), "{refused:?}");
+    let read = store.interaction(case).await.unwrap().unwrap();
+    assert_eq!(read.messages.len(), 5);
+    assert_eq!(read.messages[1].status, DeliveryStatus::Read);
+
+    assert_eq!(
+        store
+            .interaction_with_message(9999, &second.id)
+            .await
+            .unwrap(),
+        None
+    );
 }
 
 /// A webhook retried while the first delivery is being stored must not

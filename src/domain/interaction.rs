@@ -304,6 +304,10 @@ enum Stored {
     Unknown,
     Read(Arc<[Arc<Message>]>),
     LeftOut(usize),
+    One {
+        index: usize,
+        count: usize,
+    },
 }
 
 impl StoredMessages {
@@ -316,6 +320,24 @@ impl StoredMessages {
     /// `messages` are the ones after them.
     pub fn left_out(count: usize) -> StoredMessages {
         StoredMessages(Stored::LeftOut(count))
+    }
+
+    /// `count` stored messages of which only the one at `index` was
+    /// loaded, to change it: it is the interaction's first message, and
+    /// any after it were added since.
+    pub fn one_of(index: usize, count: usize) -> StoredMessages {
+        StoredMessages(Stored::One { index, count })
+    }
+
+    /// For a store that left messages out: how many are stored, and the
+    /// index of the one the interaction's first message is (when one was
+    /// loaded). Every later message of the interaction is new.
+    pub fn partial(&self) -> Option<(usize, Option<usize>)> {
+        match self.0 {
+            Stored::LeftOut(count) => Some((count, None)),
+            Stored::One { index, count } => Some((count, Some(index))),
+            _ => None,
+        }
     }
 
     /// The stored messages, when the store read them.
@@ -346,6 +368,9 @@ impl std::fmt::Debug for StoredMessages {
         match &self.0 {
             Stored::Read(m) => write!(f, "StoredMessages({})", m.len()),
             Stored::LeftOut(n) => write!(f, "StoredMessages(left out: {n})"),
+            Stored::One { index, count } => {
+                write!(f, "StoredMessages(only {index} of {count})")
+            }
             Stored::Unknown => f.write_str("StoredMessages(unknown)"),
         }
     }

@@ -125,6 +125,21 @@ pub trait Store: Send + Sync + 'static {
     async fn interaction_to_append(&self, case_number: u64) -> StoreResult<Option<Interaction>> {
         self.interaction(case_number).await
     }
+    /// The interaction `case_number` for changing its message `message_id`
+    /// (a delivery's result, a provider's status callback): a store may
+    /// hand out that message alone (see
+    /// [`crate::domain::StoredMessages::one_of`]; both stores do), or none
+    /// when the interaction has no such message. As with
+    /// [`Store::interaction_to_append`], only the store that handed it out
+    /// takes it back. The default is the whole interaction.
+    async fn interaction_with_message(
+        &self,
+        case_number: u64,
+        message_id: &str,
+    ) -> StoreResult<Option<Interaction>> {
+        let _ = message_id;
+        self.interaction(case_number).await
+    }
     /// [`Store::lookup`] of `claim` and [`Store::contact`] of `contact_key`
     /// together: what receiving a message reads first (on Redis, one round
     /// trip instead of two). Neither read waits for the other, so the two

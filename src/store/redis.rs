@@ -258,6 +258,29 @@ end
 return out
 "#;
 
+/// KEYS[1]: an interaction's hash, KEYS[2]: its message list; ARGV[1]: how
+/// the JSON of the message wanted starts (`{"id":"..."`, its first field).
+/// Answers `{'head', header, count[, index, message]}` (the message and its
+/// index when the list holds it, looked for from the end: a delivery's news
+/// is about a recent message), `{'json', document}` (written by an older
+/// gateway), or nothing. Only the one message leaves Redis.
+const WITH_MESSAGE_LUA: &str = r#"
+local h = redis.call('HMGET', KEYS[1], 'head', 'json')
+if h[1] then
+  local list = redis.call('LRANGE', KEYS[2], 0, -1)
+  local want = ARGV[1]
+  for i = #list, 1, -1 do
+    if string.sub(list[i], 1, #want) == want then
+      return {'head', h[1], tostring(#list), tostring(i - 1), list[i]}
+    end
+  end
+  return {'head', h[1], tostring(#list)}
+elseif h[2] then
+  return {'json', h[2]}
+end
+return {}
+"#;
+
 /// KEYS[1]: `contact-id:{id}`; ARGV[1]: the contact key prefix.
 const CONTACT_BY_ID_LUA: &str = r#"
 local key = redis.call('GET', KEYS[1])
@@ -368,6 +391,7 @@ struct Scripts {
     commit: Script,
     next_case: Script,
     interactions_for: Script,
+    with_message: Script,
     contact_by_id: Script,
     outbox_lease: Script,
     outbox_reschedule: Script,
@@ -380,6 +404,7 @@ impl Scripts {
             commit: Script::new(COMMIT_LUA),
             next_case: Script::new(NEXT_CASE_LUA),
             interactions_for: Script::new(&format!("{LIST_ONE_LUA}{INTERACTIONS_FOR_LUA}")),
+            with_message: Script::new(WITH_MESSAGE_LUA),
             contact_by_id: Script::new(CONTACT_BY_ID_LUA),
             outbox_lease: Script::new(OUTBOX_LEASE_LUA),
             outbox_reschedule: Script::new(OUTBOX_RESCHEDULE_LUA),
@@ -823,15 +848,29 @@ impl Store for RedisStore {
             let expect = std::mem::replace(&mut i.version, next);
             interaction_json = json(&i);
             let mut written = vec![];
-            let (rewrite, stored_len) = match i.stored.left_out_count() {
+            let (rewrite, stored_len) = match i.stored.partial() {
                 // Read for appending: `messages` are the ones after the
                 // stored ones, all new.
-                Some(left_out) => {
+                Some((left_out, None)) => {
                     for (n, m) in messages.iter().enumerate() {
                         written.push((left_out + n).to_string());
                         message_docs.push(json(&**m));
                     }
                     (false, left_out)
+                }
+                // Read to change one message: it is the first, written where
+                // it is stored (one `LSET`); any after it are new.
+                Some((count, Some(index))) => {
+                    let mut given = messages.iter();
+                    if let Some(m) = given.next() {
+                        written.push(index.to_string());
+                        message_docs.push(json(&**m));
+                    }
+                    for (n, m) in given.enumerate() {
+                        written.push((count + n).to_string());
+                        message_docs.push(json(&**m));
+                    }
+                    (false, count)
                 }
                 // Only what differs from the list as it was read; all of it
                 // when that is not known, or when messages went missing since.
@@ -934,6 +973,53 @@ impl Store for RedisStore {
         let ((head, whole), count): ((Option<String>, Option<String>), usize) =
             read.query_async(&mut conn).await.map_err(unavailable)?;
         assemble(head, whole, ListRead::Length(count))
+    }
+
+    async fn interaction_with_message(
+        &self,
+        case_number: u64,
+        message_id: &str,
+    ) -> StoreResult<Option<Interaction>> {
+        let mut conn = self.conn().await?;
+        // Serialized as the message's own JSON begins: `id` is its first field.
+        let want = format!("{{\"id\":{}", json(&message_id));
+        let parts: Vec<String> = self
+            .scripts
+            .with_message
+            .key(self.keys.interaction(case_number))
+            .key(self.keys.messages(case_number))
+            .arg(want)
+            .invoke_async(&mut conn)
+            .await
+            .map_err(unavailable)?;
+        let mut parts = parts.into_iter();
+        match (parts.next().as_deref(), parts.next()) {
+            (None, _) => Ok(None),
+            (Some("json"), Some(doc)) => assemble(None, Some(doc), ListRead::All(vec![])),
+            (Some("head"), Some(head)) => {
+                let number = |p: Option<String>| {
+                    p.and_then(|n| n.parse::<usize>().ok())
+                        .ok_or_else(|| unavailable("unexpected answer reading a message"))
+                };
+                let count = number(parts.next())?;
+                let mut i: Interaction = parse("interaction", &head)?;
+                i.stored = match parts.next() {
+                    Some(index) => {
+                        let index = number(Some(index))?;
+                        let m = parts
+                            .next()
+                            .ok_or_else(|| unavailable("unexpected answer reading a message"))?;
+                        i.messages = vec![Arc::new(parse::<Message>("message", &m)?)];
+                        StoredMessages::one_of(index, count)
+                    }
+                    None => StoredMessages::left_out(count),
+                };
+                Ok(Some(i))
+            }
+            (kind, _) => Err(unavailable(format!(
+                "unexpected answer reading an interaction: {kind:?}"
+            ))),
+        }
     }
 
     async fn interactions_for(

@@ -602,9 +602,11 @@ struct Prepared {
     interaction: Interaction,
     /// The version the stored interaction must have.
     expected: u64,
-    /// For an interaction handed out to append to: how many messages the
-    /// stored one has, which `interaction.messages` go after.
-    appended_after: Option<usize>,
+    /// For an interaction handed out with messages left out
+    /// ([`StoredMessages::partial`]): how many messages the stored one has,
+    /// and which of them `interaction.messages[0]` is, if one was handed
+    /// out; the other `interaction.messages` go after the stored ones.
+    partial: Option<(usize, Option<usize>)>,
     header: Vec<u8>,
     /// The JSON of each message no other copy shares, by index, in order
     /// (usually the one just added: nothing is collected per message the
@@ -615,7 +617,7 @@ struct Prepared {
 impl Prepared {
     fn new(mut i: Interaction) -> Prepared {
         let expected = i.version;
-        let appended_after = i.stored.left_out_count();
+        let partial = i.stored.partial();
         i.version += 1;
         let messages = std::mem::take(&mut i.messages);
         let header = json(&i);
@@ -630,23 +632,37 @@ impl Prepared {
         Prepared {
             interaction: i,
             expected,
-            appended_after,
+            partial,
             header,
             fresh,
         }
     }
 
-    /// For an interaction handed out to append to: the ops that store its
-    /// header and its messages after the `stored` ones, and the stored
-    /// interaction updated in place (copied first only if a reader holds it).
+    /// For an interaction handed out with messages left out: the ops that
+    /// store its header, the one stored message it was handed out with (if
+    /// that changed) and its messages after the `stored` ones, and the
+    /// stored interaction updated in place (copied first only if a reader
+    /// holds it).
     fn append(self, ops: &mut Vec<Op>, stored: &mut Arc<Interaction>) {
         let case = self.interaction.case_number;
+        let one = self.partial.and_then(|(_, one)| one);
         ops.push(Op::Interaction(case, self.header));
         let mut fresh = self.fresh.into_iter().peekable();
         let mut committed = self.interaction;
         let target = Arc::make_mut(stored);
         let mut messages = std::mem::take(&mut target.messages);
-        for (n, m) in committed.messages.drain(..).enumerate() {
+        let mut given = committed.messages.drain(..).enumerate().peekable();
+        if let Some(index) = one {
+            if let Some((n, m)) = given.next() {
+                let fresh_row = fresh.next_if(|(i, _)| *i == n).map(|(_, row)| row);
+                if !Arc::ptr_eq(&messages[index], &m) {
+                    let row = fresh_row.unwrap_or_else(|| json(&*m));
+                    ops.push(Op::Message(case, index as u32, row));
+                    messages[index] = m;
+                }
+            }
+        }
+        for (n, m) in given {
             let row = match fresh.next_if(|(i, _)| *i == n) {
                 Some((_, row)) => row,
                 None => json(&*m),
@@ -750,10 +766,10 @@ impl Store for EmbeddedStore {
                 }
                 // Messages go after the ones it was handed out with, which a
                 // stored interaction of the same version holds.
-                if p.appended_after.is_some()
-                    && p.appended_after != stored.map(|i| i.messages.len())
-                {
-                    return Err(StoreError::Conflict);
+                if let Some((count, _)) = p.partial {
+                    if Some(count) != stored.map(|i| i.messages.len()) {
+                        return Err(StoreError::Conflict);
+                    }
                 }
             }
             // Apply.
@@ -769,7 +785,7 @@ impl Store for EmbeddedStore {
             if let Some(p) = interaction {
                 let case = p.interaction.case_number;
                 st.next_case = st.next_case.max(case + 1);
-                match (p.appended_after, st.interactions.get_mut(&case)) {
+                match (p.partial, st.interactions.get_mut(&case)) {
                     (Some(_), Some(stored)) => p.append(&mut ops, stored),
                     _ => {
                         let i = p.ops(&mut ops, st.interactions.get(&case).map(|i| &**i));
@@ -839,6 +855,27 @@ impl Store for EmbeddedStore {
         Ok(shared.map(|i| {
             let mut header = i.without_messages();
             header.stored = StoredMessages::left_out(i.messages.len());
+            header
+        }))
+    }
+
+    async fn interaction_with_message(
+        &self,
+        case_number: u64,
+        message_id: &str,
+    ) -> StoreResult<Option<Interaction>> {
+        let shared = self.state.lock().interactions.get(&case_number).cloned();
+        Ok(shared.map(|i| {
+            let mut header = i.without_messages();
+            let count = i.messages.len();
+            // A delivery's news is about a recent message: look from the end.
+            header.stored = match i.messages.iter().rposition(|m| m.id == message_id) {
+                Some(index) => {
+                    header.messages = vec![i.messages[index].clone()];
+                    StoredMessages::one_of(index, count)
+                }
+                None => StoredMessages::left_out(count),
+            };
             header
         }))
     }
@@ -1409,6 +1446,39 @@ mod tests {
         assert_eq!(
             texts(&store.interaction(1001).await.unwrap().unwrap()),
             ["one", "two", "three"]
+        );
+    }
+
+    /// A message changed through a read of it alone is stored where it
+    /// was, in the mirror and in the log, and reads back so after a
+    /// restart; a read of it that another reader still holds is not
+    /// changed underneath them.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_message_changed_alone_stays_in_its_place_after_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = EmbeddedStore::open(dir.path(), Duration::from_secs(3600)).unwrap();
+        let mut i = case_1001();
+        i.messages = vec![message("one"), message("two"), message("three")];
+        store.commit(commit(i)).await.unwrap();
+        let before = store.interaction(1001).await.unwrap().unwrap();
+        let two = before.messages[1].id.clone();
+        let mut one = store
+            .interaction_with_message(1001, &two)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(texts(&one), ["two"]);
+        Arc::make_mut(&mut one.messages[0]).text = "two, edited".into();
+        store.commit(commit(one)).await.unwrap();
+        assert_eq!(texts(&before), ["one", "two", "three"], "a reader's copy");
+        let read = store.interaction(1001).await.unwrap().unwrap();
+        assert_eq!(texts(&read), ["one", "two, edited", "three"]);
+        assert!(Arc::ptr_eq(&read.messages[0], &before.messages[0]));
+        drop(store);
+        let store = reopen(dir.path()).await;
+        assert_eq!(
+            texts(&store.interaction(1001).await.unwrap().unwrap()),
+            ["one", "two, edited", "three"]
         );
     }
 
