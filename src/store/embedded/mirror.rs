@@ -7,13 +7,14 @@
 //! (ten seconds of the benchmark), the lock was held for 10–24 ms at a time,
 //! and each doubling takes twice as long as the one before, so a gateway
 //! that keeps a week of events would stall for seconds. Here the events
-//! live in fixed-size chunks that never move, and the claims and contacts
-//! (which grow with every new sender) in many small maps, each of which
-//! grows on its own.
+//! live in fixed-size chunks that never move, and the claims, the contacts
+//! (which grow with every new sender) and the interactions (with every new
+//! conversation) in many small maps, each of which grows on its own.
 
+use std::borrow::Borrow;
 use std::collections::hash_map::RandomState;
 use std::collections::{HashMap, VecDeque};
-use std::hash::BuildHasher;
+use std::hash::{BuildHasher, Hash};
 
 /// Events per chunk of an [`EventRing`].
 const CHUNK: usize = 4096;
@@ -118,14 +119,14 @@ impl<T> Ring<T> {
 /// one of them doubling moves that much.
 const SHARDS: usize = 256;
 
-/// A map from strings spread over [`SHARDS`] maps by the key's hash.
-pub struct Sharded<V> {
+/// A map spread over [`SHARDS`] maps by the key's hash.
+pub struct Sharded<K, V> {
     pick: RandomState,
-    shards: Box<[HashMap<String, V>]>,
+    shards: Box<[HashMap<K, V>]>,
 }
 
-impl<V> Default for Sharded<V> {
-    fn default() -> Sharded<V> {
+impl<K, V> Default for Sharded<K, V> {
+    fn default() -> Sharded<K, V> {
         Sharded {
             pick: RandomState::new(),
             shards: (0..SHARDS).map(|_| HashMap::new()).collect(),
@@ -133,18 +134,38 @@ impl<V> Default for Sharded<V> {
     }
 }
 
-impl<V> Sharded<V> {
-    fn shard(&self, key: &str) -> usize {
+impl<K: Hash + Eq, V> Sharded<K, V> {
+    /// The shard of a key: the same for `K` and what it borrows as, since
+    /// both hash alike (the contract of [`Borrow`]).
+    fn shard<Q: Hash + ?Sized>(&self, key: &Q) -> usize {
         (self.pick.hash_one(key) as usize) % SHARDS
     }
 
-    pub fn get(&self, key: &str) -> Option<&V> {
+    pub fn get<Q>(&self, key: &Q) -> Option<&V>
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ?Sized,
+    {
         self.shards[self.shard(key)].get(key)
     }
 
-    pub fn insert(&mut self, key: String, value: V) -> Option<V> {
+    pub fn get_mut<Q>(&mut self, key: &Q) -> Option<&mut V>
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ?Sized,
+    {
+        let s = self.shard(key);
+        self.shards[s].get_mut(key)
+    }
+
+    pub fn insert(&mut self, key: K, value: V) -> Option<V> {
         let s = self.shard(&key);
         self.shards[s].insert(key, value)
+    }
+
+    /// Every value, in no particular order.
+    pub fn values(&self) -> impl Iterator<Item = &V> {
+        self.shards.iter().flat_map(HashMap::values)
     }
 
     #[cfg(test)]
@@ -223,7 +244,29 @@ mod tests {
         assert_eq!(map.get("msg:sms:SM7"), Some(&70));
         assert_eq!(map.get("msg:sms:SM9999"), Some(&9999));
         assert_eq!(map.get("msg:sms:SM10000"), None);
+        *map.get_mut("msg:sms:SM8").unwrap() = 80;
+        assert_eq!(map.get("msg:sms:SM8"), Some(&80));
+        assert_eq!(map.get_mut("msg:sms:SM10000"), None);
+        let mut all: Vec<i32> = map.values().copied().collect();
+        all.sort();
+        assert_eq!(all.len(), 10_000);
+        assert_eq!(&all[..3], [0, 1, 2]);
+        assert_eq!(all[9_999], 9_999);
         // Spread out: no shard holds more than twice its share.
+        let most = map.shards.iter().map(HashMap::len).max().unwrap();
+        assert!(most < 2 * 10_000 / SHARDS, "{most}");
+    }
+
+    /// Case numbers follow one another; they spread out all the same.
+    #[test]
+    fn a_sharded_map_spreads_numbers_that_follow_one_another() {
+        let mut map = Sharded::default();
+        for case in 1001..11_001u64 {
+            map.insert(case, case);
+        }
+        assert_eq!(map.len(), 10_000);
+        assert_eq!(map.get(&1001), Some(&1001));
+        assert_eq!(map.get(&11_001), None);
         let most = map.shards.iter().map(HashMap::len).max().unwrap();
         assert!(most < 2 * 10_000 / SHARDS, "{most}");
     }

@@ -77,10 +77,10 @@ struct WriteRequest {
 struct State {
     /// Shared, so that a reader copies an interaction (its message list
     /// grows with the conversation) after letting go of the lock.
-    interactions: HashMap<u64, Arc<Interaction>>,
-    contacts: mirror::Sharded<Contact>,
-    contact_keys: mirror::Sharded<String>,
-    claims: mirror::Sharded<String>,
+    interactions: mirror::Sharded<u64, Arc<Interaction>>,
+    contacts: mirror::Sharded<String, Contact>,
+    contact_keys: mirror::Sharded<String, String>,
+    claims: mirror::Sharded<String, String>,
     events: mirror::Ring<Event>,
     last_event: (u64, u64),
     outbox: BTreeMap<String, OutboxJob>,
