@@ -1089,6 +1089,8 @@ mod tests {
     #[cfg(target_os = "linux")]
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn the_checkpointer_runs_at_a_lower_priority() {
+        // Lowered: SCHED_IDLE, and nice 10 steps down (kept for when it
+        // returns to SCHED_OTHER).
         // Only where a thread may raise its priority again (root: CI and the
         // benchmark) does the checkpointer lower it (see `wal::Priority`).
         // SAFETY: a plain system call.
@@ -1109,17 +1111,21 @@ mod tests {
                 let task = task.unwrap().path();
                 let comm = std::fs::read_to_string(task.join("comm")).unwrap_or_default();
                 if comm.trim() == "embedded-checkp" {
-                    seen.push(wal::nice_in(task.join("stat")));
+                    let tid: libc::pid_t =
+                        task.file_name().unwrap().to_str().unwrap().parse().unwrap();
+                    // SAFETY: a plain system call on a thread of this process.
+                    let policy = unsafe { libc::sched_getscheduler(tid) };
+                    seen.push((wal::nice_in(task.join("stat")), policy));
                 }
             }
-            if seen.contains(&lowered) {
+            if seen.contains(&(lowered, libc::SCHED_IDLE)) {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         assert!(
-            seen.contains(&lowered),
-            "checkpointers' nice values {seen:?}; this thread's is {own}"
+            seen.contains(&(lowered, libc::SCHED_IDLE)),
+            "checkpointers' (nice, policy) {seen:?}; this thread's nice is {own}"
         );
         drop(store);
     }

@@ -738,12 +738,14 @@ pub fn checkpointer(
     }
 }
 
-/// The checkpointer's scheduling priority. It runs [`CHECKPOINT_NICE`] steps
-/// behind the threads answering webhooks: a checkpoint step is never urgent,
-/// and on two cores it otherwise holds one for several milliseconds while
-/// acknowledgements queue behind it. Once it falls two segments behind
-/// (under a sustained full load), it runs at the gateway's own priority
-/// until it has caught up, so the backlog cannot grow without end.
+/// The checkpointer's scheduling priority. While it keeps up it runs as
+/// `SCHED_IDLE`, only on a core nothing else wants, or, where that policy
+/// cannot be left again, [`CHECKPOINT_NICE`] steps behind the threads
+/// answering webhooks: a checkpoint step is never urgent, and on two cores
+/// it otherwise holds one for several milliseconds while acknowledgements
+/// queue behind it. Once it falls two segments behind (under a sustained
+/// full load), it runs at the gateway's own priority until it has caught
+/// up, so the backlog cannot grow without end.
 ///
 /// Going back up needs the right to raise a thread's priority (root, or
 /// `RLIMIT_NICE`); without it the checkpointer stays at the gateway's
@@ -753,11 +755,22 @@ struct Priority {
     low: bool,
     /// Whether this thread may return to `base` after lowering itself.
     usable: bool,
+    /// Whether it may also return from `SCHED_IDLE` to `SCHED_OTHER`.
+    idle: bool,
 }
 
 /// How much lower (in nice steps) the checkpointer runs than the rest of
-/// the gateway while it keeps up.
+/// the gateway while it keeps up, where it cannot use `SCHED_IDLE`.
 const CHECKPOINT_NICE: i32 = 10;
+
+#[cfg(target_os = "linux")]
+/// Sets this thread's scheduling policy (priority 0, as both take).
+fn set_policy(policy: libc::c_int) -> bool {
+    let param = libc::sched_param { sched_priority: 0 };
+    // SAFETY: a plain system call on the calling thread (pid 0), with a
+    // parameter that lives across it.
+    unsafe { libc::sched_setscheduler(0, policy, &param) == 0 }
+}
 
 impl Priority {
     fn new() -> Priority {
@@ -773,12 +786,21 @@ impl Priority {
                 && libc::setpriority(libc::PRIO_PROCESS, tid, base) == 0;
             (base, usable)
         };
+        // The same probe for the policy. If it cannot come back, the thread
+        // must stay low for good: it then keeps to nice values.
+        #[cfg(target_os = "linux")]
+        let idle = usable && {
+            let went = set_policy(libc::SCHED_IDLE);
+            let back = set_policy(libc::SCHED_OTHER);
+            went && back
+        };
         #[cfg(not(target_os = "linux"))]
-        let (base, usable) = (0, false);
+        let (base, usable, idle) = (0, false, false);
         Priority {
             base,
             low: false,
             usable,
+            idle,
         }
     }
 
@@ -788,14 +810,22 @@ impl Priority {
         }
         self.low = low;
         #[cfg(target_os = "linux")]
-        // SAFETY: a plain system call on this thread's own ID.
-        unsafe {
+        {
             let nice = if low {
                 (self.base + CHECKPOINT_NICE).min(19)
             } else {
+                if self.idle {
+                    set_policy(libc::SCHED_OTHER);
+                }
                 self.base
             };
-            libc::setpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t, nice);
+            // SAFETY: a plain system call on this thread's own ID.
+            unsafe {
+                libc::setpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t, nice);
+            }
+            if low && self.idle {
+                set_policy(libc::SCHED_IDLE);
+            }
         }
     }
 }
@@ -852,11 +882,22 @@ mod tests {
                 assert!(nice() <= base + 1);
                 return;
             }
+            // SAFETY: plain system calls on the calling thread.
+            let policy = || unsafe { libc::sched_getscheduler(0) };
             assert_eq!(nice(), base);
+            assert_eq!(policy(), libc::SCHED_OTHER, "the probe came back");
+            // SAFETY: a plain system call.
+            if unsafe { libc::geteuid() } == 0 {
+                assert!(p.idle, "root may leave SCHED_IDLE again");
+            }
             p.set_low(true);
             assert_eq!(nice(), (base + 10).min(19));
+            if p.idle {
+                assert_eq!(policy(), libc::SCHED_IDLE);
+            }
             p.set_low(false);
             assert_eq!(nice(), base, "back to the gateway's priority");
+            assert_eq!(policy(), libc::SCHED_OTHER);
         })
         .join()
         .unwrap();
