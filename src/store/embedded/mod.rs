@@ -54,6 +54,8 @@ const CLAIMS: TableDefinition<&str, &str> = TableDefinition::new("claims");
 const EVENTS: TableDefinition<(u64, u64), &[u8]> = TableDefinition::new("events");
 const OUTBOX: TableDefinition<&str, &[u8]> = TableDefinition::new("outbox");
 const NOTES: TableDefinition<&str, &str> = TableDefinition::new("notes");
+/// Files (attachments, raw emails), in `blobs.redb`; the same table in
+/// `switchboard.redb` holds those an earlier version stored, read only.
 const BLOBS: TableDefinition<&str, &[u8]> = TableDefinition::new("blobs");
 const KV: TableDefinition<&str, &str> = TableDefinition::new("kv");
 /// `checkpointed`: the last log segment whose every change is in redb.
@@ -64,6 +66,8 @@ const FIRST_CASE_NUMBER: u64 = 1001;
 /// speeds up the checkpointer's B-tree updates; redb's default (1 GiB)
 /// would grow the process by that much for nothing.
 const REDB_CACHE_BYTES: usize = 64 << 20;
+/// The blob file's page cache: a file is written once and read seldom.
+const BLOB_CACHE_BYTES: usize = 4 << 20;
 /// A log segment is closed and folded into redb once it is this old.
 const CHECKPOINT_EVERY: Duration = Duration::from_secs(1);
 
@@ -110,6 +114,11 @@ impl State {
 
 pub struct EmbeddedStore {
     db: Arc<Database>,
+    /// Files, in a database of their own: redb takes one write transaction
+    /// at a time per database, and the checkpointer, which runs only on
+    /// idle cores while it keeps up (`SCHED_IDLE`), holds the main one for
+    /// each step; under a full load a file would wait for it.
+    blobs: Arc<Database>,
     state: Mutex<State>,
     /// Set when a log write failed. The mirror may then hold changes that
     /// never reached the disk, so from then on the store refuses commits and
@@ -152,6 +161,14 @@ impl EmbeddedStore {
             w.open_table(BLOBS)?;
             w.open_table(KV)?;
             w.open_table(META)?;
+            w.commit()?;
+        }
+        let blobs = redb::Builder::new()
+            .set_cache_size(BLOB_CACHE_BYTES)
+            .create(dir.join("blobs.redb"))?;
+        {
+            let w = blobs.begin_write()?;
+            w.open_table(BLOBS)?;
             w.commit()?;
         }
         let checkpointed = checkpointed(&db)?;
@@ -199,6 +216,7 @@ impl EmbeddedStore {
             .spawn(move || writer_loop(writer_db, log, rx, ck_tx, writer_events, writer_broken))?;
         Ok(Arc::new(EmbeddedStore {
             db,
+            blobs: Arc::new(blobs),
             state: Mutex::new(state),
             broken,
             #[cfg(test)]
@@ -1011,7 +1029,7 @@ impl Store for EmbeddedStore {
     /// own (they are large and read from disk, never from the log), before
     /// the commit that refers to them.
     async fn put_blob(&self, id: &str, bytes: &[u8]) -> StoreResult<()> {
-        let db = self.db.clone();
+        let db = self.blobs.clone();
         let id = id.to_string();
         let bytes = bytes.to_vec();
         tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
@@ -1026,13 +1044,19 @@ impl Store for EmbeddedStore {
     }
 
     async fn blob(&self, id: &str) -> StoreResult<Option<Vec<u8>>> {
-        let db = self.db.clone();
+        let dbs = [self.blobs.clone(), self.db.clone()];
         let id = id.to_string();
         tokio::task::spawn_blocking(move || -> anyhow::Result<Option<Vec<u8>>> {
-            let r = db.begin_read()?;
-            let t = r.open_table(BLOBS)?;
-            let bytes = t.get(id.as_str())?.map(|v| v.value().to_vec());
-            Ok(bytes)
+            // The blob file, then what an earlier version kept in the main one.
+            for db in dbs {
+                let r = db.begin_read()?;
+                let t = r.open_table(BLOBS)?;
+                let found = t.get(id.as_str())?.map(|v| v.value().to_vec());
+                if found.is_some() {
+                    return Ok(found);
+                }
+            }
+            Ok(None)
         })
         .await
         .map_err(unavailable)?
@@ -1486,6 +1510,35 @@ mod tests {
             texts(&store.interaction(1001).await.unwrap().unwrap()),
             ["one", "two, edited", "three"]
         );
+    }
+
+    /// A file is stored while the main database's write transaction is
+    /// held (as the checkpointer holds it for each step, and on idle cores
+    /// only), and a file an earlier version kept in the main database is
+    /// still served after an upgrade.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn files_do_not_wait_for_the_checkpointer_and_old_ones_are_still_served() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = EmbeddedStore::open(dir.path(), Duration::from_secs(3600)).unwrap();
+        let held = store.db.begin_write().unwrap();
+        let put = tokio::time::timeout(
+            Duration::from_secs(10),
+            store.put_blob("att-new", b"new bytes"),
+        )
+        .await;
+        assert!(matches!(put, Ok(Ok(()))), "{put:?}");
+        {
+            let mut old = held.open_table(BLOBS).unwrap();
+            old.insert("att-old", b"old bytes".as_slice()).unwrap();
+        }
+        held.commit().unwrap();
+        assert_eq!(store.blob("att-new").await.unwrap().unwrap(), b"new bytes");
+        assert_eq!(store.blob("att-old").await.unwrap().unwrap(), b"old bytes");
+        assert_eq!(store.blob("att-none").await.unwrap(), None);
+        drop(store);
+        let store = reopen(dir.path()).await;
+        assert_eq!(store.blob("att-new").await.unwrap().unwrap(), b"new bytes");
+        assert_eq!(store.blob("att-old").await.unwrap().unwrap(), b"old bytes");
     }
 
     /// The feed keeps one copy of a channel's `{"id","kind"}` for all its
