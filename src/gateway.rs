@@ -100,13 +100,16 @@ const MAX_RETRIES: usize = 32;
 
 /// How much of an interaction a change reads.
 #[derive(Clone, Copy)]
-enum Read {
+enum Read<'a> {
     /// All of it, messages included.
     Whole,
     /// What adding messages needs ([`crate::store::Store::interaction_to_append`]):
     /// everything but the stored messages. Also what a read that shows no
     /// message takes.
     ToAppend,
+    /// Everything but the stored messages other than this one
+    /// ([`crate::store::Store::interaction_with_message`]).
+    Message(&'a str),
 }
 
 /// How long one webhook may spend downloading its media before answering.
@@ -386,7 +389,7 @@ impl Gateway {
             .await?
             .and_then(|v| parse_target(&v))
             .ok_or_else(|| GatewayError::NotFound(format!("no attachment {attachment_id}")))?;
-        let i = self.visible(actor, case).await?;
+        let i = self.read_visible(actor, case, Read::Message(&mid)).await?;
         let att = i
             .messages
             .iter()
@@ -699,7 +702,8 @@ impl Gateway {
         Ok(None)
     }
 
-    /// Changes one message of an interaction, with a dedupe claim, and emits `message.updated`.
+    /// Changes one message of an interaction, with a dedupe claim, and
+    /// emits `message.updated`. Reads that message alone.
     async fn change_message(
         &self,
         case: u64,
@@ -708,7 +712,11 @@ impl Gateway {
         f: impl Fn(&mut Message) -> bool,
     ) -> GResult<bool> {
         for _ in 0..MAX_RETRIES {
-            let Some(mut i) = self.store.interaction(case).await? else {
+            let Some(mut i) = self
+                .store
+                .interaction_with_message(case, message_id)
+                .await?
+            else {
                 return Ok(true);
             };
             let Some(m) = i
@@ -1156,10 +1164,11 @@ impl Gateway {
         self.read_visible(actor, case, Read::Whole).await
     }
 
-    async fn read_visible(&self, actor: &Actor, case: u64, read: Read) -> GResult<Interaction> {
+    async fn read_visible(&self, actor: &Actor, case: u64, read: Read<'_>) -> GResult<Interaction> {
         let found = match read {
             Read::Whole => self.store.interaction(case).await?,
             Read::ToAppend => self.store.interaction_to_append(case).await?,
+            Read::Message(id) => self.store.interaction_with_message(case, id).await?,
         };
         let i = found.ok_or_else(|| GatewayError::NotFound(format!("no interaction {case}")))?;
         let mine = matches!(actor, Actor::Agent(a) if i.assigned_to.as_deref() == Some(a.as_str()));
@@ -1187,7 +1196,7 @@ impl Gateway {
         &self,
         actor: &Actor,
         case: u64,
-        read: Read,
+        read: Read<'_>,
         mut f: F,
     ) -> GResult<Interaction>
     where

@@ -27,6 +27,7 @@ on_both_stores!(
     contact_details_read_no_message,
     event_checks_notes_and_opt_outs_read_no_message,
     a_delivery_status_reads_only_its_message,
+    retrying_a_failed_download_reads_only_its_message,
 );
 
 /// The real store, counting whole-interaction reads.
@@ -374,4 +375,53 @@ async fn a_delivery_status_reads_only_its_message(b: Backend) {
     assert_eq!(i["messages"][3]["status"], "delivered", "not back to sent");
     assert_eq!(i["messages"][3]["provider_id"], "SMstatus1");
     assert_eq!(i["messages"][0]["status"], "received");
+}
+
+/// An agent retries a file the provider would not serve: the retry reads
+/// and changes the one message that holds it.
+async fn retrying_a_failed_download_reads_only_its_message(b: Backend) {
+    let app = TestApp::start(b).await;
+    let case = conversation(&app).await;
+    let ch = app.sms_channel();
+    let form = format!(
+        "MessageSid=MMread1&AccountSid={ACCOUNT_SID}&From=%2B14158675309&To=%2B14155550100&Body=look&NumMedia=1\
+         &MediaUrl0={}&MediaContentType0=image%2Fpng&SmsStatus=received",
+        urlencode(&format!("{}/later", app.twilio.uri())),
+    );
+    let req = switchboard::adapters::sms::simulate_form(&ch, &app.url, form.as_bytes());
+    assert_eq!(app.post_simulated(req).await.0, 200);
+    let i = app.interaction(case).await;
+    let att = &i["messages"][3]["attachments"][0];
+    assert_eq!(att["state"], "failed", "{i}");
+    let att_id = att["id"].as_str().unwrap().to_string();
+    Mock::given(method("GET"))
+        .and(path("/later"))
+        .respond_with(
+            ResponseTemplate::new(200)
+                .insert_header("content-type", "image/png")
+                .set_body_bytes(b"png-bytes".to_vec()),
+        )
+        .mount(&app.twilio)
+        .await;
+
+    let (gateway, store) = counted(&app);
+    let anne = Actor::Agent("anne".into());
+    let got = gateway.retry_attachment(&anne, &att_id).await.unwrap();
+    assert_eq!(got.state, "stored");
+    assert_eq!(store.whole.load(Ordering::SeqCst), 0);
+    let i = app.interaction(case).await;
+    assert_eq!(texts(&i), ["one", "two", "three", "look"]);
+    let att = &i["messages"][3]["attachments"][0];
+    assert_eq!(
+        (att["id"].as_str(), att["state"].as_str()),
+        (Some(att_id.as_str()), Some("stored"))
+    );
+    assert_eq!(att["size"], 9);
+    // Carol does not see the interaction: refused before any download.
+    let carol = Actor::Agent("carol".into());
+    assert!(gateway.retry_attachment(&carol, &att_id).await.is_err());
+}
+
+fn urlencode(s: &str) -> String {
+    url::form_urlencoded::byte_serialize(s.as_bytes()).collect()
 }
