@@ -14,7 +14,7 @@
 //! expires. Providers without an idempotency key (Twilio) cannot dedupe it.
 
 use crate::adapters::{DeliveryError, OutgoingAttachment, OutgoingMessage};
-use crate::domain::{DeliveryStatus, Direction};
+use crate::domain::{ChannelKind, DeliveryStatus, Direction};
 use crate::gateway::{failure_text, Gateway};
 use crate::store::{Claim, Commit, OutboxJob, StoreError};
 use backon::{BackoffBuilder, ExponentialBuilder};
@@ -103,7 +103,20 @@ async fn drop_job(g: &Gateway, job: &OutboxJob) -> Result<Outcome, StoreError> {
 }
 
 async fn deliver(g: &Arc<Gateway>, job: OutboxJob) -> Result<Outcome, StoreError> {
-    let Some(i) = g.store.interaction(job.case_number).await? else {
+    // An email names every earlier message of its thread (`References`),
+    // so it reads the conversation; any other channel needs the message
+    // alone, and the one it quotes.
+    let threaded = g
+        .channel(&job.channel_id)
+        .is_ok_and(|c| c.config.kind == ChannelKind::Email);
+    let read = if threaded {
+        g.store.interaction(job.case_number).await?
+    } else {
+        g.store
+            .interaction_with_message(job.case_number, &job.message_id)
+            .await?
+    };
+    let Some(i) = read else {
         return drop_job(g, &job).await;
     };
     let Some(msg) = i
@@ -130,12 +143,20 @@ async fn deliver(g: &Arc<Gateway>, job: OutboxJob) -> Result<Outcome, StoreError
         .await;
     };
     let kind = ch.config.kind;
-    let reply_to = msg.reply_to.as_ref().and_then(|rid| {
-        i.messages
+    let reply_to = match &msg.reply_to {
+        Some(rid) if threaded => i
+            .messages
             .iter()
             .find(|m| m.id == *rid)
-            .and_then(|m| m.provider_id.clone())
-    });
+            .and_then(|m| m.provider_id.clone()),
+        Some(rid) => g
+            .store
+            .interaction_with_message(job.case_number, rid)
+            .await?
+            .and_then(|q| q.messages.into_iter().find(|m| m.id == *rid))
+            .and_then(|m| m.provider_id.clone()),
+        None => None,
+    };
     // Past the standard window, a channel configured for it sends with the
     // HUMAN_AGENT tag (the window computation says when).
     let tag = g

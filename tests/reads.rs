@@ -28,6 +28,7 @@ on_both_stores!(
     event_checks_notes_and_opt_outs_read_no_message,
     a_delivery_status_reads_only_its_message,
     retrying_a_failed_download_reads_only_its_message,
+    delivering_a_reply_reads_only_it_and_the_message_it_quotes,
 );
 
 /// The real store, counting whole-interaction reads.
@@ -420,6 +421,77 @@ async fn retrying_a_failed_download_reads_only_its_message(b: Backend) {
     // Carol does not see the interaction: refused before any download.
     let carol = Actor::Agent("carol".into());
     assert!(gateway.retry_attachment(&carol, &att_id).await.is_err());
+}
+
+/// The outbox sends a reply with what the channel needs: the reply, and
+/// the message it quotes (WhatsApp and Messenger name the quoted message's
+/// provider ID), not the conversation (only email threads name it all).
+async fn delivering_a_reply_reads_only_it_and_the_message_it_quotes(b: Backend) {
+    let app = TestApp::start(b).await;
+    let case = conversation(&app).await;
+    let second = app.interaction(case).await["messages"][1]["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    Mock::given(method("POST"))
+        .and(path(format!(
+            "/2010-04-01/Accounts/{ACCOUNT_SID}/Messages.json"
+        )))
+        .respond_with(ResponseTemplate::new(201).set_body_json(twilio_created("SMquote1")))
+        .mount(&app.twilio)
+        .await;
+    let (gateway, store) = counted(&app);
+    let gateway = Arc::new(gateway);
+    let anne = Actor::Agent("anne".into());
+    // The gateway's own outbox worker polls the same store: should it take
+    // the job first, this one has nothing to send, and it tries again.
+    let mut sent = None;
+    for attempt in 0..3 {
+        let (_, msg) = gateway
+            .reply(
+                &anne,
+                case,
+                &format!("about two ({attempt})"),
+                None,
+                &[],
+                None,
+                Some(&second),
+            )
+            .await
+            .unwrap();
+        store.whole.store(0, Ordering::SeqCst);
+        let report = switchboard::outbox::step(&gateway).await.unwrap();
+        if report.sent == 1 {
+            sent = Some(msg.id);
+            break;
+        }
+        app.wait_for(case, "the other worker's send", |i| {
+            i["messages"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .all(|m| m["status"] != "queued")
+        })
+        .await;
+    }
+    let sent = sent.expect("this outbox sent one of three replies");
+    assert_eq!(store.whole.load(Ordering::SeqCst), 0);
+    let i = app.interaction(case).await;
+    let m = i["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["id"] == sent.as_str())
+        .unwrap();
+    assert_eq!(m["status"], "sent", "{i}");
+    assert_eq!(m["provider_id"], "SMquote1");
+    let got = app.twilio.received_requests().await.unwrap();
+    let form = form_of(got.last().unwrap());
+    assert!(
+        field(&form, "Body").unwrap().starts_with("about two"),
+        "{form:?}"
+    );
+    assert_eq!(texts(&i)[..3], ["one", "two", "three"]);
 }
 
 fn urlencode(s: &str) -> String {
