@@ -339,13 +339,7 @@ async fn event_checks_notes_and_opt_outs_read_no_message(b: Backend) {
 async fn a_delivery_status_reads_only_its_message(b: Backend) {
     let app = TestApp::start(b).await;
     let case = conversation(&app).await;
-    Mock::given(method("POST"))
-        .and(path(format!(
-            "/2010-04-01/Accounts/{ACCOUNT_SID}/Messages.json"
-        )))
-        .respond_with(ResponseTemplate::new(201).set_body_json(twilio_created("SMstatus1")))
-        .mount(&app.twilio)
-        .await;
+    twilio_accepts(&app, "SMstatus1").await;
     let (s, v) = app
         .post(
             ANNE,
@@ -433,13 +427,7 @@ async fn delivering_a_reply_reads_only_it_and_the_message_it_quotes(b: Backend) 
         .as_str()
         .unwrap()
         .to_string();
-    Mock::given(method("POST"))
-        .and(path(format!(
-            "/2010-04-01/Accounts/{ACCOUNT_SID}/Messages.json"
-        )))
-        .respond_with(ResponseTemplate::new(201).set_body_json(twilio_created("SMquote1")))
-        .mount(&app.twilio)
-        .await;
+    twilio_accepts(&app, "SMquote1").await;
     let (gateway, store) = counted(&app);
     let gateway = Arc::new(gateway);
     let anne = Actor::Agent("anne".into());
@@ -492,6 +480,17 @@ async fn delivering_a_reply_reads_only_it_and_the_message_it_quotes(b: Backend) 
         "{form:?}"
     );
     assert_eq!(texts(&i)[..3], ["one", "two", "three"]);
+}
+
+/// Twilio accepts every message sent, as `sid`.
+async fn twilio_accepts(app: &TestApp, sid: &str) {
+    Mock::given(method("POST"))
+        .and(path(format!(
+            "/2010-04-01/Accounts/{ACCOUNT_SID}/Messages.json"
+        )))
+        .respond_with(ResponseTemplate::new(201).set_body_json(twilio_created(sid)))
+        .mount(&app.twilio)
+        .await;
 }
 
 fn urlencode(s: &str) -> String {
