@@ -669,7 +669,7 @@ impl Prepared {
         let mut committed = self.interaction;
         let target = Arc::make_mut(stored);
         let mut messages = std::mem::take(&mut target.messages);
-        let mut given = committed.messages.drain(..).enumerate().peekable();
+        let mut given = committed.messages.drain(..).enumerate();
         if let Some(index) = one {
             if let Some((n, m)) = given.next() {
                 let fresh_row = fresh.next_if(|(i, _)| *i == n).map(|(_, row)| row);
