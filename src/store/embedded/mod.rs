@@ -555,6 +555,7 @@ fn writer_loop(
         }
     }
     // The store was dropped: fold what is left into redb before letting go of it.
+    let _ = handoff.to.send(wal::ToCheckpointer::Closing);
     rotate(&mut log, &mut handoff);
     drop(handoff);
     drop(db);

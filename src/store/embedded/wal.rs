@@ -665,6 +665,10 @@ pub enum ToCheckpointer {
     Ops(Vec<Op>),
     /// Every frame of this segment has been sent.
     SegmentEnd(Closed),
+    /// The store is closing: what is left is folded at the gateway's own
+    /// priority, so that a shutdown (or a reopen) never waits for a core
+    /// to fall idle.
+    Closing,
 }
 
 /// Pending keys written per intermediate (non-durable) redb transaction.
@@ -700,13 +704,16 @@ pub fn checkpointer(
     let writeback = File::open(&db_file).ok();
     let mut last_step = Instant::now();
     slots.keep_spare();
+    let mut closing = false;
     while let Ok(msg) = rx.recv() {
         let behind = slots
             .closed
             .load(std::sync::atomic::Ordering::SeqCst)
             .saturating_sub(folded);
-        priority.set_low(behind < 2);
+        closing |= matches!(msg, ToCheckpointer::Closing);
+        priority.set_low(behind < 2 && !closing);
         match msg {
+            ToCheckpointer::Closing => {}
             ToCheckpointer::Ops(ops) => {
                 pending.add(ops);
                 let changed = pending.0.len();
@@ -901,6 +908,63 @@ mod tests {
         })
         .join()
         .unwrap();
+    }
+
+    /// Told that the store is closing, the checkpointer leaves its low
+    /// priority for good: the rest is folded as fast as the gateway runs.
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn a_closing_store_folds_the_rest_at_the_gateways_priority() {
+        // SAFETY: a plain system call.
+        if unsafe { libc::geteuid() } != 0 {
+            return; // only root may come back up (see `Priority`)
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let db_file = dir.path().join("ck.redb");
+        let db = Arc::new(Database::create(&db_file).unwrap());
+        {
+            let w = db.begin_write().unwrap();
+            w.open_table(super::super::MESSAGE_LOG).unwrap();
+            w.commit().unwrap();
+        }
+        let keys = MessageKeys::load(&db).unwrap();
+        let slots = Wal::open(&dir.path().join("wal"), vec![], 1)
+            .unwrap()
+            .free_slots();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let thread = std::thread::Builder::new()
+            .name("ck-closing-test".into())
+            .spawn(move || checkpointer(db, keys, db_file, rx, slots))
+            .unwrap();
+        let policy_of_thread = || {
+            for task in std::fs::read_dir("/proc/self/task").unwrap() {
+                let task = task.unwrap().path();
+                let comm = std::fs::read_to_string(task.join("comm")).unwrap_or_default();
+                if comm.trim() == "ck-closing-test" {
+                    let tid: libc::pid_t =
+                        task.file_name().unwrap().to_str().unwrap().parse().unwrap();
+                    // SAFETY: a plain system call on a thread of this process.
+                    return Some(unsafe { libc::sched_getscheduler(tid) });
+                }
+            }
+            None
+        };
+        let wait_for = |want: libc::c_int| {
+            for _ in 0..500 {
+                if policy_of_thread() == Some(want) {
+                    return true;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            false
+        };
+        tx.send(ToCheckpointer::Ops(sample())).unwrap();
+        assert!(wait_for(libc::SCHED_IDLE), "low while it keeps up");
+        tx.send(ToCheckpointer::Closing).unwrap();
+        tx.send(ToCheckpointer::Ops(sample())).unwrap();
+        assert!(wait_for(libc::SCHED_OTHER), "back up once closing");
+        drop(tx);
+        thread.join().unwrap();
     }
 
     fn sample() -> Vec<Op> {
