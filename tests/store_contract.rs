@@ -2042,7 +2042,7 @@ async fn redis_an_interaction_read_to_append_leaves_its_messages_out() {
     let case = v1.case_number;
     let mut to_append = store.interaction_to_append(case).await.unwrap().unwrap();
     assert!(to_append.messages.is_empty());
-    assert_eq!(to_append.stored.left_out_count(), Some(1));
+    assert_eq!(to_append.stored.partial(), Some((1, None)));
     let now = Utc::now();
     to_append.receive(inbound("and it is still missing", now), now, false);
     commit_interaction(&store, to_append).await.unwrap();

@@ -347,14 +347,6 @@ impl StoredMessages {
             _ => None,
         }
     }
-
-    /// How many stored messages were left out, when some were.
-    pub fn left_out_count(&self) -> Option<usize> {
-        match self.0 {
-            Stored::LeftOut(n) => Some(n),
-            _ => None,
-        }
-    }
 }
 
 impl PartialEq for StoredMessages {

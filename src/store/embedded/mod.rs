@@ -1131,18 +1131,7 @@ mod tests {
         let lowered = (own + 10).min(19);
         let mut seen = vec![];
         for _ in 0..100 {
-            seen.clear();
-            for task in std::fs::read_dir("/proc/self/task").unwrap() {
-                let task = task.unwrap().path();
-                let comm = std::fs::read_to_string(task.join("comm")).unwrap_or_default();
-                if comm.trim() == "embedded-checkp" {
-                    let tid: libc::pid_t =
-                        task.file_name().unwrap().to_str().unwrap().parse().unwrap();
-                    // SAFETY: a plain system call on a thread of this process.
-                    let policy = unsafe { libc::sched_getscheduler(tid) };
-                    seen.push((wal::nice_in(task.join("stat")), policy));
-                }
-            }
+            seen = wal::threads_named("embedded-checkp");
             if seen.contains(&(lowered, libc::SCHED_IDLE)) {
                 break;
             }
@@ -1458,7 +1447,7 @@ mod tests {
         store.commit(commit(i)).await.unwrap();
         let mut to_append = store.interaction_to_append(1001).await.unwrap().unwrap();
         assert!(to_append.messages.is_empty());
-        assert_eq!(to_append.stored.left_out_count(), Some(2));
+        assert_eq!(to_append.stored.partial(), Some((2, None)));
         assert_eq!(to_append.version, 1);
         // One handed out with fewer messages than are stored cannot append.
         let mut stale = to_append.clone();

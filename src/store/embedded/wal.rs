@@ -870,6 +870,24 @@ pub(super) fn nice_in(stat_file: impl AsRef<Path>) -> i64 {
     rest.split(' ').nth(16).unwrap().parse().unwrap()
 }
 
+/// The nice value and scheduling policy of each thread of this process
+/// named `name` (its `comm`, cut to 15 bytes).
+#[cfg(all(test, target_os = "linux"))]
+pub(super) fn threads_named(name: &str) -> Vec<(i64, libc::c_int)> {
+    let mut found = vec![];
+    for task in std::fs::read_dir("/proc/self/task").unwrap() {
+        let task = task.unwrap().path();
+        let comm = std::fs::read_to_string(task.join("comm")).unwrap_or_default();
+        if comm.trim() == name {
+            let tid: libc::pid_t = task.file_name().unwrap().to_str().unwrap().parse().unwrap();
+            // SAFETY: a plain system call on a thread of this process.
+            let policy = unsafe { libc::sched_getscheduler(tid) };
+            found.push((nice_in(task.join("stat")), policy));
+        }
+    }
+    found
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -937,17 +955,9 @@ mod tests {
             .spawn(move || checkpointer(db, keys, db_file, rx, slots))
             .unwrap();
         let policy_of_thread = || {
-            for task in std::fs::read_dir("/proc/self/task").unwrap() {
-                let task = task.unwrap().path();
-                let comm = std::fs::read_to_string(task.join("comm")).unwrap_or_default();
-                if comm.trim() == "ck-closing-test" {
-                    let tid: libc::pid_t =
-                        task.file_name().unwrap().to_str().unwrap().parse().unwrap();
-                    // SAFETY: a plain system call on a thread of this process.
-                    return Some(unsafe { libc::sched_getscheduler(tid) });
-                }
-            }
-            None
+            threads_named("ck-closing-test")
+                .first()
+                .map(|&(_, policy)| policy)
         };
         let wait_for = |want: libc::c_int| {
             for _ in 0..500 {
