@@ -1835,7 +1835,7 @@ impl Gateway {
             Actor::Agent(a) => Some(a.as_str()),
             Actor::Service(_) => None,
         };
-        let mut items: Vec<Listed> = self
+        let items: Vec<Listed> = self
             .store
             .interactions_for(&queues, agent)
             .await?
@@ -1852,37 +1852,39 @@ impl Gateway {
             .filter(|l| q.status.is_none_or(|s| l.interaction.status == s))
             .filter(|l| q.tags.is_empty() || l.interaction.tags.iter().any(|t| q.tags.contains(t)))
             .collect();
-        let by = |f: fn(&Interaction, &Interaction) -> std::cmp::Ordering| {
-            move |a: &Listed, b: &Listed| f(&a.interaction, &b.interaction)
+        let sort = ListSort::parse(&q.sort);
+        let mut keyed: Vec<(SortKey, Listed)> = items
+            .into_iter()
+            .map(|l| (sort.key(&l.interaction), l))
+            .collect();
+        keyed.sort_unstable_by_key(|a| a.0);
+        // A cursor names the sort key of the last item shown, not a
+        // position: an interaction that moves to the top meanwhile (a new
+        // message) does not shift the next page, which would then skip one
+        // item or show one twice.
+        let start = match q.cursor.as_deref() {
+            None => 0,
+            Some(c) => match sort.parse_cursor(c) {
+                Some(Cursor::After(after)) => keyed.partition_point(|(k, _)| *k <= after),
+                Some(Cursor::Offset(n)) => n,
+                None => {
+                    return Err(validation(
+                        "cursor",
+                        "cursor is a next_cursor of this list with the same sort",
+                    ))
+                }
+            },
         };
-        match q.sort.as_str() {
-            "priority" => items.sort_by(by(|a, b| {
-                b.priority
-                    .cmp(&a.priority)
-                    .then(b.received_at.cmp(&a.received_at))
-                    .then(a.case_number.cmp(&b.case_number))
-            })),
-            "channel" => items.sort_by(by(|a, b| {
-                a.channel_kind
-                    .cmp(&b.channel_kind)
-                    .then(b.received_at.cmp(&a.received_at))
-                    .then(a.case_number.cmp(&b.case_number))
-            })),
-            _ => items.sort_by(by(|a, b| {
-                b.received_at
-                    .cmp(&a.received_at)
-                    .then(a.case_number.cmp(&b.case_number))
-            })),
-        }
-        let offset: usize = q
-            .cursor
-            .as_deref()
-            .and_then(|c| c.parse().ok())
-            .unwrap_or(0);
         let limit = q.limit.clamp(1, 500);
-        let total = items.len();
-        let page: Vec<Listed> = items.into_iter().skip(offset).take(limit).collect();
-        let next = (offset + limit < total).then(|| (offset + limit).to_string());
+        let total = keyed.len();
+        let end = start.saturating_add(limit).min(total);
+        let next = (end < total && end > start).then(|| sort.cursor(&keyed[end - 1].0));
+        let page: Vec<Listed> = keyed
+            .into_iter()
+            .skip(start)
+            .take(limit)
+            .map(|(_, l)| l)
+            .collect();
         Ok((page, next))
     }
 
@@ -2090,6 +2092,73 @@ fn formatted_body(kind: ChannelKind, text: &str, html: Option<&str>) -> (String,
         _ => text.to_string(),
     };
     (text, html.filter(|_| kind == ChannelKind::Email))
+}
+
+/// How a list is sorted (CONTRACT.md, "Lists and feeds"): newest customer
+/// message first, ties by case number; `priority` and `channel` sort by
+/// those first.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum ListSort {
+    Received,
+    Priority,
+    Channel,
+}
+
+/// An item's place in a sorted list: ascending order is the list's order.
+type SortKey = (i128, i128, u64);
+
+enum Cursor {
+    /// Items after this key.
+    After(SortKey),
+    /// A cursor from before keys: the position itself.
+    Offset(usize),
+}
+
+impl ListSort {
+    fn parse(s: &str) -> ListSort {
+        match s {
+            "priority" => ListSort::Priority,
+            "channel" => ListSort::Channel,
+            _ => ListSort::Received,
+        }
+    }
+
+    fn tag(self) -> &'static str {
+        match self {
+            ListSort::Received => "r",
+            ListSort::Priority => "p",
+            ListSort::Channel => "c",
+        }
+    }
+
+    fn key(self, i: &Interaction) -> SortKey {
+        let newest_first = -i128::from(i.received_at.timestamp_nanos_opt().unwrap_or(i64::MAX));
+        match self {
+            ListSort::Received => (newest_first, 0, i.case_number),
+            ListSort::Priority => (-i128::from(i.priority), newest_first, i.case_number),
+            ListSort::Channel => (i.channel_kind as i128, newest_first, i.case_number),
+        }
+    }
+
+    fn cursor(self, (a, b, case): &SortKey) -> String {
+        format!("{}.{a}.{b}.{case}", self.tag())
+    }
+
+    fn parse_cursor(self, s: &str) -> Option<Cursor> {
+        if let Ok(n) = s.parse() {
+            return Some(Cursor::Offset(n));
+        }
+        let mut parts = s.split('.');
+        if parts.next()? != self.tag() {
+            return None;
+        }
+        let key = (
+            parts.next()?.parse().ok()?,
+            parts.next()?.parse().ok()?,
+            parts.next()?.parse().ok()?,
+        );
+        parts.next().is_none().then_some(Cursor::After(key))
+    }
 }
 
 /// Query of `GET /api/v1/interactions`.

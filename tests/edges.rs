@@ -285,6 +285,73 @@ async fn sms_preview_counts_segments() {
     assert_eq!(v["segments"], 2);
 }
 
+/// Paging a list while it changes: a cursor names where the last page
+/// ended, so an interaction that moves to the top meanwhile (a new
+/// message) neither pushes an unseen one off the next page nor shows a
+/// seen one again. A cursor that is not one, or belongs to another sort,
+/// is refused.
+#[tokio::test]
+async fn a_list_pages_by_cursor_while_interactions_move() {
+    let app = TestApp::start(Backend::Embedded).await;
+    let senders = [
+        "+14158675311",
+        "+14158675312",
+        "+14158675313",
+        "+14158675314",
+    ];
+    for (n, from) in senders.iter().enumerate() {
+        app.sms_from(from, "hi", &format!("SMpage{n}")).await;
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    let cases = |v: &Value| -> Vec<u64> {
+        v["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|i| i["case_number"].as_u64().unwrap())
+            .collect()
+    };
+    let (_, all) = app.get(ANNE, "/api/v1/interactions").await;
+    let all = cases(&all);
+    assert_eq!(all.len(), 4);
+    let (s, first) = app.get(ANNE, "/api/v1/interactions?limit=2").await;
+    assert_eq!(s, 200);
+    assert_eq!(cases(&first), all[..2]);
+    // The newest one on the first page writes again: it stays on top; then
+    // the oldest writes and moves to the top, ahead of the page already read.
+    app.sms_from(senders[3], "again", "SMpage-again-3").await;
+    app.sms_from(senders[0], "again", "SMpage-again-0").await;
+    let cursor = first["next_cursor"].as_str().unwrap().to_string();
+    let (s, second) = app
+        .get(
+            ANNE,
+            &format!("/api/v1/interactions?limit=2&cursor={cursor}"),
+        )
+        .await;
+    assert_eq!(s, 200);
+    // Only the one not yet shown is left after the first page: an offset
+    // would have shown the second page's first item twice (all[1]) instead.
+    assert_eq!(cases(&second), vec![all[2]]);
+    assert_eq!(second["next_cursor"], Value::Null);
+
+    for bad in ["x", "r.1.2", "r.a.b.c", "r.1.2.3.4"] {
+        let (s, v) = app
+            .get(ANNE, &format!("/api/v1/interactions?cursor={bad}"))
+            .await;
+        assert_eq!(s, 422, "{bad}: {v}");
+        assert_eq!(v["code"], "validation_failed", "{bad}");
+        assert_eq!(v["field"], "cursor", "{bad}: {v}");
+    }
+    // A received-order cursor given to a priority sort.
+    let (s, v) = app
+        .get(
+            ANNE,
+            &format!("/api/v1/interactions?sort=priority&cursor={cursor}"),
+        )
+        .await;
+    assert_eq!(s, 422, "{v}");
+}
+
 /// Sorting and filtering of the agent's list (PRODUCT rule 9).
 #[tokio::test]
 async fn lists_sort_and_filter() {

@@ -46,7 +46,7 @@ routes! {
     "get" "/api/v1/queues" "agent" "Every queue with its kind and whether the caller is a member";
     "get" "/api/v1/channels" "agent" "Channels with their capabilities and limits";
     "get" "/api/v1/tags" "agent" "Tags in use in the caller's queues";
-    "get" "/api/v1/interactions" "agent" "The caller's interactions: view, status, tag, sort, limit, cursor";
+    "get" "/api/v1/interactions" "agent" "The caller's interactions: view, status, tag, sort, limit, cursor (the next_cursor of the previous page: it marks where that page ended, so items that move meanwhile shift no page)";
     "get" "/api/v1/interactions/{case_number}" "agent" "One interaction with its messages";
     "patch" "/api/v1/interactions/{case_number}" "agent" "Change tags, priority, contact_name, related_name, related_case";
     "post" "/api/v1/interactions/{case_number}/assign" "agent" "Take it (agent) or give it (service, {agent})";
