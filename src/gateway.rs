@@ -1835,10 +1835,14 @@ impl Gateway {
             Actor::Agent(a) => Some(a.as_str()),
             Actor::Service(_) => None,
         };
-        let items: Vec<Listed> = self
-            .store
-            .interactions_for(&queues, agent)
-            .await?
+        // The store gives a superset of the view, from the index that fits
+        // it best; the rules below decide.
+        let candidates = match q.view.as_str() {
+            "mine" => self.store.interactions_for(&[], agent).await?,
+            "all" => self.store.interactions_for(&queues, agent).await?,
+            _ => self.store.waiting_for(&queues, agent).await?,
+        };
+        let items: Vec<Listed> = candidates
             .into_iter()
             .filter(|Listed { interaction: i, .. }| {
                 let mine = agent.is_some() && i.assigned_to.as_deref() == agent;

@@ -68,6 +68,13 @@ impl Store for Counting {
     ) -> StoreResult<Vec<Listed>> {
         self.inner.interactions_for(queues, agent).await
     }
+    async fn waiting_for(
+        &self,
+        queues: &[String],
+        agent: Option<&str>,
+    ) -> StoreResult<Vec<Listed>> {
+        self.inner.waiting_for(queues, agent).await
+    }
     async fn contact(&self, key: &str) -> StoreResult<Option<Contact>> {
         self.inner.contact(key).await
     }

@@ -16,7 +16,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use switchboard::domain::{
     new_id, parse_event_id, Actor, ChannelKind, Contact, DeliveryStatus, Direction, EventDraft,
-    Interaction, Message, NewInteraction,
+    Interaction, Message, NewInteraction, Status,
 };
 use switchboard::store::embedded::EmbeddedStore;
 use switchboard::store::redis::RedisStore;
@@ -128,6 +128,7 @@ contract!(
     event_ids_strictly_increase_and_page_with_after,
     subscribers_receive_committed_events_in_order,
     interactions_for_follows_queue_and_assignee,
+    waiting_for_holds_only_the_interactions_in_queue,
     interactions_for_leaves_out_every_message_but_the_latest,
     contact_by_id_finds_the_stored_contact,
     case_numbers_are_unique_and_start_at_1001,
@@ -1051,6 +1052,59 @@ async fn interactions_for_follows_queue_and_assignee(store: DynStore) {
     );
 }
 
+/// An agent's default list comes from `waiting_for`: only interactions
+/// `in_queue`, in the given queues or waiting assigned to the agent; one
+/// leaves it when it leaves the queue (resolved, ended) and comes back
+/// with it, in its new queue after a transfer.
+async fn waiting_for_holds_only_the_interactions_in_queue(store: DynStore) {
+    let support = vec!["support".to_string()];
+    let sales = vec!["sales".to_string()];
+    let i1 = stored_interaction(&store, "15551120001", "support").await;
+    let mut i2 = stored_interaction(&store, "15551120002", "support").await;
+    let i3 = stored_interaction(&store, "15551120003", "sales").await;
+    let (c1, c2, c3) = (i1.case_number, i2.case_number, i3.case_number);
+    assert!(i1.in_queue && i2.in_queue && i3.in_queue);
+    let waiting = |queues: Vec<String>, agent: Option<&'static str>| {
+        let store = store.clone();
+        async move { cases(&store.waiting_for(&queues, agent).await.unwrap()) }
+    };
+    assert_eq!(waiting(support.clone(), None).await, [c1, c2]);
+    let listed = store.waiting_for(&sales, None).await.unwrap();
+    assert_eq!(listed, [as_listed(&i3)], "as interactions_for lists it");
+
+    // i2 is assigned to bob and then leaves the queue (resolved).
+    i2.assigned_to = Some("bob".into());
+    commit_interaction(&store, i2.clone()).await.unwrap();
+    assert_eq!(waiting(vec![], Some("bob")).await, [c2]);
+    assert_eq!(waiting(sales.clone(), Some("bob")).await, [c2, c3]);
+    let mut i2 = store.interaction(c2).await.unwrap().unwrap();
+    i2.in_queue = false;
+    i2.status = Status::Resolved;
+    commit_interaction(&store, i2).await.unwrap();
+    assert_eq!(waiting(support.clone(), Some("bob")).await, [c1]);
+    assert_eq!(
+        cases(&store.interactions_for(&support, Some("bob")).await.unwrap()),
+        [c1, c2],
+        "still in its queue's and its agent's whole lists"
+    );
+
+    // i1 is transferred to sales; i2 comes back to the queue.
+    let mut i1 = store.interaction(c1).await.unwrap().unwrap();
+    i1.queue = "sales".into();
+    commit_interaction(&store, i1).await.unwrap();
+    let mut i2 = store.interaction(c2).await.unwrap().unwrap();
+    i2.in_queue = true;
+    i2.status = Status::Open;
+    commit_interaction(&store, i2).await.unwrap();
+    assert_eq!(waiting(support.clone(), None).await, [c2]);
+    assert_eq!(waiting(sales.clone(), None).await, [c1, c3]);
+    assert_eq!(waiting(vec![], Some("bob")).await, [c2]);
+    assert!(waiting(vec![], None).await.is_empty());
+    assert!(waiting(vec!["billing".into()], Some("anne"))
+        .await
+        .is_empty());
+}
+
 /// The contact panel loads the contact by its ID (not its key).
 async fn contact_by_id_finds_the_stored_contact(store: DynStore) {
     let first = first_message(&store, "15551234567", "support").await;
@@ -1892,7 +1946,7 @@ async fn redis_writes_only_the_new_and_the_changed_messages() {
     let v1 = stored_interaction(&store, "15551234567", "support").await;
     let case = v1.case_number;
     let (fields, list) = redis_layout(&mut conn, &keys.prefix, case).await;
-    assert_eq!(fields, ["akey", "head", "qkey", "v"]);
+    assert_eq!(fields, ["akey", "head", "qkey", "v", "wakey", "wkey"]);
     assert_eq!(list.len(), 1);
     assert_eq!(list[0]["text"], "Hi, my order #4411 has not arrived");
 
@@ -1970,6 +2024,89 @@ async fn redis_a_message_list_changed_since_it_was_read_is_a_conflict() {
     );
 }
 
+/// Interactions stored before the `waiting` sets existed (no `wkey` in
+/// their hash, no sets, no `{p}:lists`) are put in them when a gateway
+/// connects, by their stored state: one waiting, one an older gateway
+/// stored whole and assigned, and one that left the queue.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_interactions_stored_before_the_waiting_sets_are_put_in_them() {
+    let (keys, store, mut conn) = redis_store_with_conn().await;
+    let waiting = stored_interaction(&store, "15551130001", "support").await;
+    let mut assigned = stored_interaction(&store, "15551130002", "support").await;
+    assigned.assigned_to = Some("bob".into());
+    commit_interaction(&store, assigned.clone()).await.unwrap();
+    let mut left = stored_interaction(&store, "15551130003", "support").await;
+    left.in_queue = false;
+    left.status = Status::Resolved;
+    commit_interaction(&store, left.clone()).await.unwrap();
+    let assigned = store
+        .interaction(assigned.case_number)
+        .await
+        .unwrap()
+        .unwrap();
+    drop(store);
+    // Back to the earlier layout: the interaction `assigned` as an older
+    // gateway stored it (whole, field `json`).
+    let p = &keys.prefix;
+    for case in [waiting.case_number, left.case_number] {
+        let _: () = redis::cmd("HDEL")
+            .arg(format!("{p}:interaction:{case}"))
+            .arg("wkey")
+            .arg("wakey")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+    }
+    let _: () = redis::cmd("DEL")
+        .arg(format!("{p}:interaction:{}", assigned.case_number))
+        .arg(format!("{p}:interaction:{}:messages", assigned.case_number))
+        .arg(format!("{p}:waiting:support"))
+        .arg(format!("{p}:waiting-assigned:bob"))
+        .arg(format!("{p}:lists"))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let _: () = redis::cmd("HSET")
+        .arg(format!("{p}:interaction:{}", assigned.case_number))
+        .arg("v")
+        .arg(assigned.version)
+        .arg("json")
+        .arg(serde_json::to_string(&assigned).unwrap())
+        .arg("qkey")
+        .arg(format!("{p}:queue:support"))
+        .arg("akey")
+        .arg(format!("{p}:assigned:bob"))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+
+    let store: DynStore = RedisStore::connect(&redis_url(), p, RETENTION)
+        .await
+        .unwrap();
+    assert_eq!(
+        cases(&store.waiting_for(&["support".into()], None).await.unwrap()),
+        [waiting.case_number, assigned.case_number]
+    );
+    assert_eq!(
+        cases(&store.waiting_for(&[], Some("bob")).await.unwrap()),
+        [assigned.case_number]
+    );
+    let marker: Option<String> = redis::cmd("GET")
+        .arg(format!("{p}:lists"))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(marker.as_deref(), Some("1"));
+    // From then on commits keep them: the one that left comes back.
+    let mut back = store.interaction(left.case_number).await.unwrap().unwrap();
+    back.in_queue = true;
+    commit_interaction(&store, back).await.unwrap();
+    assert_eq!(
+        cases(&store.waiting_for(&["support".into()], None).await.unwrap()),
+        [waiting.case_number, assigned.case_number, left.case_number]
+    );
+}
+
 /// An interaction an older gateway stored whole (messages inside the
 /// document, field `json`) is read as it is, listed, and moved to the
 /// header-plus-list layout by its next change.
@@ -2017,7 +2154,7 @@ async fn redis_an_interaction_stored_whole_by_an_older_gateway_is_read_and_moved
     next.receive(inbound("third, after the upgrade", now), now, false);
     commit_interaction(&store, next).await.unwrap();
     let (fields, list) = redis_layout(&mut conn, &keys.prefix, case).await;
-    assert_eq!(fields, ["akey", "head", "qkey", "v"]);
+    assert_eq!(fields, ["akey", "head", "qkey", "v", "wakey", "wkey"]);
     let texts: Vec<_> = list.iter().map(|m| m["text"].clone()).collect();
     assert_eq!(
         texts,

@@ -110,6 +110,12 @@ pub trait Store: Send + Sync + 'static {
         queues: &[String],
         agent: Option<&str>,
     ) -> StoreResult<Vec<Listed>>;
+    /// What [`Store::interactions_for`] gives, but only those waiting
+    /// (`in_queue`): an agent's default list. The store keeps them apart
+    /// from the rest, so that this list grows with the work waiting, not
+    /// with every interaction the queues ever had.
+    async fn waiting_for(&self, queues: &[String], agent: Option<&str>)
+        -> StoreResult<Vec<Listed>>;
     async fn contact(&self, key: &str) -> StoreResult<Option<Contact>>;
     async fn contact_by_id(&self, id: &str) -> StoreResult<Option<Contact>>;
     /// The value a claim or index entry holds.

@@ -4,10 +4,13 @@
 //!
 //! | key | type | holds |
 //! | --- | --- | --- |
-//! | `{p}:interaction:{case}` | hash | `v` (version), `head` (the interaction's JSON without its messages), `qkey` / `akey` (the index sets it is in) |
+//! | `{p}:interaction:{case}` | hash | `v` (version), `head` (the interaction's JSON without its messages), `qkey` / `akey` / `wkey` / `wakey` (the index sets it is in) |
 //! | `{p}:interaction:{case}:messages` | list | the interaction's messages in order, one JSON document each |
 //! | `{p}:queue:{queue}` | set | case numbers of the interactions in that queue |
 //! | `{p}:assigned:{agent}` | set | case numbers of the interactions assigned to that agent |
+//! | `{p}:waiting:{queue}` | set | the same, of the interactions waiting (`in_queue`) in that queue: agents' default lists |
+//! | `{p}:waiting-assigned:{agent}` | set | the same, of those waiting and assigned to that agent |
+//! | `{p}:lists` | string | `1` once every interaction stored before the `waiting` sets is in them ([`WAITING_SETS_LUA`]) |
 //! | `{p}:contact:{contact key}` | hash | `v` (version), `json` |
 //! | `{p}:contact-id:{contact id}` | string | the contact key, for `contact_by_id` |
 //! | `{p}:claim:{key}` | string | a claim's or index entry's value |
@@ -180,12 +183,14 @@ if c.contact and c.contact.write then
 end
 if c.interaction then
   local it = c.interaction
-  local old_q = redis.call('HGET', it.key, 'qkey')
-  local old_a = redis.call('HGET', it.key, 'akey')
-  if old_q and old_q ~= '' and old_q ~= it.qkey then redis.call('SREM', old_q, it.case) end
-  if old_a and old_a ~= '' and old_a ~= it.akey then redis.call('SREM', old_a, it.case) end
-  redis.call('SADD', it.qkey, it.case)
-  if it.akey ~= '' then redis.call('SADD', it.akey, it.case) end
+  -- The index sets it is in now and was in before ('' for none).
+  local now_in = {it.qkey, it.akey, it.wkey, it.wakey}
+  local was_in = redis.call('HMGET', it.key, 'qkey', 'akey', 'wkey', 'wakey')
+  for n = 1, 4 do
+    local old = was_in[n]
+    if old and old ~= '' and old ~= now_in[n] then redis.call('SREM', old, it.case) end
+    if now_in[n] ~= '' then redis.call('SADD', now_in[n], it.case) end
+  end
   local len = 0
   if it.rewrite then
     redis.call('DEL', it.mkey)
@@ -201,7 +206,8 @@ if c.interaction then
       len = len + 1
     end
   end
-  redis.call('HSET', it.key, 'v', it.next, 'head', interaction_json, 'qkey', it.qkey, 'akey', it.akey)
+  redis.call('HSET', it.key, 'v', it.next, 'head', interaction_json, 'qkey', it.qkey, 'akey', it.akey,
+    'wkey', it.wkey, 'wakey', it.wakey)
   -- The whole document an older gateway wrote, if any, is superseded.
   redis.call('HDEL', it.key, 'json')
   -- Keep the case counter past every stored case (as the embedded store does).
@@ -220,6 +226,36 @@ end
 local out = {'ok'}
 for _, id in ipairs(ids) do out[#out + 1] = id end
 return out
+"#;
+
+/// Puts interactions stored before the `waiting` sets existed into them:
+/// ARGV[1] the key prefix, ARGV[2]..ARGV[3] a range of case numbers. Each
+/// one that has no `wkey` yet is placed by its stored header (or whole
+/// document, from an older gateway) in the same script, so a commit never
+/// runs between reading it and placing it. Returns how many were placed.
+const WAITING_SETS_LUA: &str = r#"
+local p = ARGV[1]
+local placed = 0
+for n = tonumber(ARGV[2]), tonumber(ARGV[3]) do
+  local case = string.format('%d', n)
+  local key = p .. ':interaction:' .. case
+  local h = redis.call('HMGET', key, 'head', 'json', 'wkey')
+  if not h[3] and (h[1] or h[2]) then
+    local i = cjson.decode(h[1] or h[2])
+    local wkey, wakey = '', ''
+    if i.in_queue == true then
+      wkey = p .. ':waiting:' .. i.queue
+      redis.call('SADD', wkey, case)
+      if type(i.assigned_to) == 'string' then
+        wakey = p .. ':waiting-assigned:' .. i.assigned_to
+        redis.call('SADD', wakey, case)
+      end
+    end
+    redis.call('HSET', key, 'wkey', wkey, 'wakey', wakey)
+    placed = placed + 1
+  end
+end
+return placed
 "#;
 
 /// KEYS[1]: the counter; ARGV[1]: the value before the first number.
@@ -346,6 +382,16 @@ impl Keys {
     fn assigned(&self, agent: &str) -> String {
         format!("{}:assigned:{agent}", self.prefix)
     }
+    fn waiting(&self, queue: &str) -> String {
+        format!("{}:waiting:{queue}", self.prefix)
+    }
+    fn waiting_assigned(&self, agent: &str) -> String {
+        format!("{}:waiting-assigned:{agent}", self.prefix)
+    }
+    /// Set once every interaction is in the `waiting` sets it belongs to.
+    fn lists_marker(&self) -> String {
+        format!("{}:lists", self.prefix)
+    }
     fn contact_prefix(&self) -> String {
         format!("{}:contact:", self.prefix)
     }
@@ -391,6 +437,7 @@ struct Scripts {
     commit: Script,
     next_case: Script,
     interactions_for: Script,
+    waiting_sets: Script,
     with_message: Script,
     contact_by_id: Script,
     outbox_lease: Script,
@@ -404,6 +451,7 @@ impl Scripts {
             commit: Script::new(COMMIT_LUA),
             next_case: Script::new(NEXT_CASE_LUA),
             interactions_for: Script::new(&format!("{LIST_ONE_LUA}{INTERACTIONS_FOR_LUA}")),
+            waiting_sets: Script::new(WAITING_SETS_LUA),
             with_message: Script::new(WITH_MESSAGE_LUA),
             contact_by_id: Script::new(CONTACT_BY_ID_LUA),
             outbox_lease: Script::new(OUTBOX_LEASE_LUA),
@@ -477,6 +525,9 @@ struct InteractionPlan {
     next: String,
     qkey: String,
     akey: String,
+    /// The `waiting` sets it is in: empty unless `in_queue`.
+    wkey: String,
+    wakey: String,
     /// The message list.
     mkey: String,
     /// Whether the list is written anew (a new interaction, or one whose
@@ -620,7 +671,7 @@ impl RedisStore {
             events.clone(),
             cancel.clone(),
         ));
-        Ok(Arc::new(RedisStore {
+        let store = RedisStore {
             pool,
             shared: parking_lot::Mutex::new(None),
             keys,
@@ -628,7 +679,68 @@ impl RedisStore {
             retention_ms: u64::try_from(retention.as_millis()).unwrap_or(u64::MAX),
             events,
             _follower: cancel.drop_guard(),
-        }))
+        };
+        store.fill_waiting_sets().await?;
+        Ok(Arc::new(store))
+    }
+
+    /// Once per Redis (and key prefix): puts every interaction a gateway
+    /// without the `waiting` sets stored into them, a range of cases per
+    /// script, before this process lists anything. Gateways that start
+    /// together may both do it; placing one is the same either way.
+    async fn fill_waiting_sets(&self) -> anyhow::Result<()> {
+        const CASES_PER_SCRIPT: u64 = 500;
+        let mut conn = self.pool.get().await?;
+        let done: Option<String> = conn.get(self.keys.lists_marker()).await?;
+        if done.is_some() {
+            return Ok(());
+        }
+        let last: Option<u64> = conn.get(self.keys.case_counter()).await?;
+        let mut from = CASE_COUNTER_START + 1;
+        let mut placed = 0u64;
+        while let Some(last) = last.filter(|l| from <= *l) {
+            let to = (from + CASES_PER_SCRIPT - 1).min(last);
+            let n: u64 = self
+                .scripts
+                .waiting_sets
+                .arg(&self.keys.prefix)
+                .arg(from)
+                .arg(to)
+                .invoke_async(&mut conn)
+                .await?;
+            placed += n;
+            from = to + 1;
+        }
+        let _: () = conn.set(self.keys.lists_marker(), "1").await?;
+        if placed > 0 {
+            tracing::info!(
+                placed,
+                "redis store: interactions stored before the waiting sets were put in them"
+            );
+        }
+        Ok(())
+    }
+
+    /// The interactions in any of the index sets `sets`, each once, as a
+    /// list shows them: one script, so the answer is a consistent snapshot.
+    async fn listed(&self, sets: Vec<String>) -> StoreResult<Vec<Listed>> {
+        if sets.is_empty() {
+            return Ok(vec![]);
+        }
+        let mut conn = self.conn().await?;
+        let raw: Vec<Vec<String>> = self
+            .scripts
+            .interactions_for
+            .key(sets)
+            .arg(self.keys.interaction_prefix())
+            .invoke_async(&mut conn)
+            .await
+            .map_err(unavailable)?;
+        let mut out = Vec::with_capacity(raw.len());
+        for parts in raw {
+            out.extend(read_listed(parts)?);
+        }
+        Ok(out)
     }
 
     /// A MULTI/EXEC pipeline that reads interaction `case`'s header (`head`,
@@ -899,6 +1011,15 @@ impl Store for RedisStore {
                     .as_deref()
                     .map(|a| k.assigned(a))
                     .unwrap_or_default(),
+                wkey: if i.in_queue {
+                    k.waiting(&i.queue)
+                } else {
+                    String::new()
+                },
+                wakey: match (&i.assigned_to, i.in_queue) {
+                    (Some(a), true) => k.waiting_assigned(a),
+                    _ => String::new(),
+                },
                 mkey: k.messages(i.case_number),
                 rewrite,
                 stored: stored_len.to_string(),
@@ -1031,23 +1152,19 @@ impl Store for RedisStore {
         if let Some(a) = agent {
             sets.push(self.keys.assigned(a));
         }
-        if sets.is_empty() {
-            return Ok(vec![]);
+        self.listed(sets).await
+    }
+
+    async fn waiting_for(
+        &self,
+        queues: &[String],
+        agent: Option<&str>,
+    ) -> StoreResult<Vec<Listed>> {
+        let mut sets: Vec<String> = queues.iter().map(|q| self.keys.waiting(q)).collect();
+        if let Some(a) = agent {
+            sets.push(self.keys.waiting_assigned(a));
         }
-        let mut conn = self.conn().await?;
-        let raw: Vec<Vec<String>> = self
-            .scripts
-            .interactions_for
-            .key(sets)
-            .arg(self.keys.interaction_prefix())
-            .invoke_async(&mut conn)
-            .await
-            .map_err(unavailable)?;
-        let mut out = Vec::with_capacity(raw.len());
-        for parts in raw {
-            out.extend(read_listed(parts)?);
-        }
-        Ok(out)
+        self.listed(sets).await
     }
 
     async fn contact(&self, key: &str) -> StoreResult<Option<Contact>> {

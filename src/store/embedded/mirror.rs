@@ -11,9 +11,10 @@
 //! (which grow with every new sender) and the interactions (with every new
 //! conversation) in many small maps, each of which grows on its own.
 
+use crate::domain::interaction::Interaction;
 use std::borrow::Borrow;
 use std::collections::hash_map::RandomState;
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::hash::{BuildHasher, Hash};
 
 /// Events per chunk of an [`EventRing`].
@@ -171,6 +172,103 @@ impl<K: Hash + Eq, V> Sharded<K, V> {
     #[cfg(test)]
     pub fn len(&self) -> usize {
         self.shards.iter().map(HashMap::len).sum()
+    }
+}
+
+/// The case numbers agents' lists start from, by queue and by assignee,
+/// each also for the interactions waiting (`in_queue`) alone: an agent's
+/// default list then reads the work waiting, not every interaction its
+/// queues ever had. Sets of a B-tree, so that a queue's set growing by
+/// one never moves the whole set under the store's lock.
+#[derive(Default)]
+pub struct Lists {
+    queue: HashMap<String, BTreeSet<u64>>,
+    agent: HashMap<String, BTreeSet<u64>>,
+    waiting_queue: HashMap<String, BTreeSet<u64>>,
+    waiting_agent: HashMap<String, BTreeSet<u64>>,
+}
+
+/// What of an interaction decides the lists it is in.
+fn placement(i: &Interaction) -> (&str, Option<&str>, bool) {
+    (&i.queue, i.assigned_to.as_deref(), i.in_queue)
+}
+
+fn add(sets: &mut HashMap<String, BTreeSet<u64>>, key: &str, case: u64) {
+    match sets.get_mut(key) {
+        Some(set) => {
+            set.insert(case);
+        }
+        None => {
+            sets.insert(key.to_owned(), BTreeSet::from([case]));
+        }
+    }
+}
+
+fn remove(sets: &mut HashMap<String, BTreeSet<u64>>, key: &str, case: u64) {
+    if let Some(set) = sets.get_mut(key) {
+        set.remove(&case);
+        if set.is_empty() {
+            sets.remove(key);
+        }
+    }
+}
+
+impl Lists {
+    /// Moves interaction `new` out of the lists `old` (its stored version,
+    /// if any) was in and into its own. Most changes (a message) move
+    /// nothing.
+    pub fn place(&mut self, old: Option<&Interaction>, new: &Interaction) {
+        let case = new.case_number;
+        let to = placement(new);
+        if let Some(old) = old {
+            let (queue, agent, waiting) = placement(old);
+            if (queue, agent, waiting) == to {
+                return;
+            }
+            remove(&mut self.queue, queue, case);
+            if let Some(a) = agent {
+                remove(&mut self.agent, a, case);
+            }
+            if waiting {
+                remove(&mut self.waiting_queue, queue, case);
+                if let Some(a) = agent {
+                    remove(&mut self.waiting_agent, a, case);
+                }
+            }
+        }
+        let (queue, agent, waiting) = to;
+        add(&mut self.queue, queue, case);
+        if let Some(a) = agent {
+            add(&mut self.agent, a, case);
+        }
+        if waiting {
+            add(&mut self.waiting_queue, queue, case);
+            if let Some(a) = agent {
+                add(&mut self.waiting_agent, a, case);
+            }
+        }
+    }
+
+    /// The cases in any of `queues` or assigned to `agent`, each once,
+    /// ascending; with `waiting`, only those `in_queue`.
+    pub fn cases(&self, queues: &[String], agent: Option<&str>, waiting: bool) -> Vec<u64> {
+        let (by_queue, by_agent) = if waiting {
+            (&self.waiting_queue, &self.waiting_agent)
+        } else {
+            (&self.queue, &self.agent)
+        };
+        let mut sets: Vec<&BTreeSet<u64>> = queues.iter().filter_map(|q| by_queue.get(q)).collect();
+        sets.extend(agent.and_then(|a| by_agent.get(a)));
+        match sets.as_slice() {
+            [] => vec![],
+            [one] => one.iter().copied().collect(),
+            _ => {
+                let mut all: Vec<u64> = sets.iter().flat_map(|s| s.iter().copied()).collect();
+                all.sort_unstable();
+                all.dedup();
+                all
+            }
+        }
     }
 }
 

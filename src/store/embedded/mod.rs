@@ -82,6 +82,8 @@ struct State {
     /// Shared, so that a reader copies an interaction (its message list
     /// grows with the conversation) after letting go of the lock.
     interactions: mirror::Sharded<u64, Arc<Interaction>>,
+    /// Which interactions each queue's and agent's lists start from.
+    lists: mirror::Lists,
     contacts: mirror::Sharded<String, Contact>,
     contact_keys: mirror::Sharded<String, String>,
     claims: mirror::Sharded<String, String>,
@@ -225,6 +227,27 @@ impl EmbeddedStore {
             events,
             retention: chrono::Duration::from_std(retention)?,
         }))
+    }
+
+    /// The interactions of `queues` and `agent`'s (with `waiting`, only
+    /// those `in_queue`) as a list shows them: copied after the lock is let
+    /// go, without their messages but the latest.
+    fn listed(&self, queues: &[String], agent: Option<&str>, waiting: bool) -> Vec<Listed> {
+        let shared: Vec<Arc<Interaction>> = {
+            let st = self.state.lock();
+            st.lists
+                .cases(queues, agent, waiting)
+                .into_iter()
+                .filter_map(|case| st.interactions.get(&case).cloned())
+                .collect()
+        };
+        shared
+            .into_iter()
+            .map(|i| Listed {
+                interaction: i.without_messages(),
+                last_message: i.messages.last().cloned(),
+            })
+            .collect()
     }
 
     fn usable(&self) -> StoreResult<()> {
@@ -464,6 +487,14 @@ fn load(db: &Database) -> anyhow::Result<Loaded> {
         state
             .kv
             .insert(k.value().to_string(), v.value().to_string());
+    }
+    let State {
+        lists,
+        interactions,
+        ..
+    } = &mut state;
+    for i in interactions.values() {
+        lists.place(None, i);
     }
     Ok(Loaded {
         state,
@@ -803,6 +834,12 @@ impl Store for EmbeddedStore {
             }
             if let Some(p) = interaction {
                 let case = p.interaction.case_number;
+                let State {
+                    lists,
+                    interactions,
+                    ..
+                } = &mut *st;
+                lists.place(interactions.get(&case).map(|i| &**i), &p.interaction);
                 st.next_case = st.next_case.max(case + 1);
                 match (p.partial, st.interactions.get_mut(&case)) {
                     (Some(_), Some(stored)) => p.append(&mut ops, stored),
@@ -904,24 +941,15 @@ impl Store for EmbeddedStore {
         queues: &[String],
         agent: Option<&str>,
     ) -> StoreResult<Vec<Listed>> {
-        let shared: Vec<Arc<Interaction>> = {
-            let st = self.state.lock();
-            st.interactions
-                .values()
-                .filter(|i| {
-                    queues.contains(&i.queue)
-                        || (agent.is_some() && i.assigned_to.as_deref() == agent)
-                })
-                .cloned()
-                .collect()
-        };
-        Ok(shared
-            .into_iter()
-            .map(|i| Listed {
-                interaction: i.without_messages(),
-                last_message: i.messages.last().cloned(),
-            })
-            .collect())
+        Ok(self.listed(queues, agent, false))
+    }
+
+    async fn waiting_for(
+        &self,
+        queues: &[String],
+        agent: Option<&str>,
+    ) -> StoreResult<Vec<Listed>> {
+        Ok(self.listed(queues, agent, true))
     }
 
     async fn contact(&self, key: &str) -> StoreResult<Option<Contact>> {
@@ -1467,6 +1495,45 @@ mod tests {
             texts(&store.interaction(1001).await.unwrap().unwrap()),
             ["one", "two", "three"]
         );
+    }
+
+    /// The lists' indexes live in the mirror only: a restart builds them
+    /// again from what it reads, so a list after it shows what one before
+    /// it did.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn lists_are_the_same_after_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = EmbeddedStore::open(dir.path(), Duration::from_secs(3600)).unwrap();
+        let mut waiting = case_1001();
+        waiting.assigned_to = Some("bob".into());
+        let mut left = case_1001();
+        left.case_number = 1002;
+        left.in_queue = false;
+        store.commit(commit(waiting)).await.unwrap();
+        store.commit(commit(left)).await.unwrap();
+        async fn check(store: &EmbeddedStore) {
+            let cases = |l: Vec<Listed>| {
+                l.iter()
+                    .map(|l| l.interaction.case_number)
+                    .collect::<Vec<_>>()
+            };
+            let support = ["support".to_string()];
+            assert_eq!(
+                cases(store.waiting_for(&support, None).await.unwrap()),
+                [1001]
+            );
+            assert_eq!(
+                cases(store.waiting_for(&[], Some("bob")).await.unwrap()),
+                [1001]
+            );
+            assert_eq!(
+                cases(store.interactions_for(&support, None).await.unwrap()),
+                [1001, 1002]
+            );
+        }
+        check(&store).await;
+        drop(store);
+        check(&*reopen(dir.path()).await).await;
     }
 
     /// A message changed through a read of it alone is stored where it
