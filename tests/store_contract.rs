@@ -129,6 +129,7 @@ contract!(
     subscribers_receive_committed_events_in_order,
     interactions_for_follows_queue_and_assignee,
     waiting_for_holds_only_the_interactions_in_queue,
+    a_long_list_holds_every_interaction_once,
     interactions_for_leaves_out_every_message_but_the_latest,
     contact_by_id_finds_the_stored_contact,
     case_numbers_are_unique_and_start_at_1001,
@@ -1103,6 +1104,29 @@ async fn waiting_for_holds_only_the_interactions_in_queue(store: DynStore) {
     assert!(waiting(vec!["billing".into()], Some("anne"))
         .await
         .is_empty());
+}
+
+/// A queue with more interactions than one read takes (the Redis store
+/// reads a list 200 at a time, so that Redis is never held for a whole
+/// queue's history): each is listed once, as stored.
+async fn a_long_list_holds_every_interaction_once(store: DynStore) {
+    let mut stored = vec![];
+    for n in 0..450 {
+        stored.push(stored_interaction(&store, &format!("1555114{n:04}"), "support").await);
+    }
+    let listed = store
+        .interactions_for(&["support".into()], None)
+        .await
+        .unwrap();
+    let mut expected: Vec<u64> = stored.iter().map(|i| i.case_number).collect();
+    expected.sort();
+    assert_eq!(cases(&listed), expected);
+    let some = &stored[321];
+    assert!(listed.contains(&as_listed(some)), "as stored");
+    assert_eq!(
+        cases(&store.waiting_for(&["support".into()], None).await.unwrap()),
+        expected
+    );
 }
 
 /// The contact panel loads the contact by its ID (not its key).
