@@ -473,6 +473,58 @@ async fn a_malformed_message_is_quarantined_and_the_next_goes_through(b: Backend
         .unwrap();
     assert_eq!(blob, bad);
 
+    // An operator (a service token) lists it and downloads it as it came.
+    let (s, v) = app.get(ROUTER, "/api/v1/channels/mail/quarantine").await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(v["items"], Value::Array(list.clone()));
+    let id = list[0]["blob"].as_str().unwrap();
+    let r = app
+        .http
+        .get(format!("{}/api/v1/channels/mail/quarantine/{id}", app.url))
+        .bearer_auth(ROUTER)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["content-type"], "message/rfc822");
+    assert_eq!(r.bytes().await.unwrap(), bad);
+    for (token, path, status, code) in [
+        (
+            ANNE,
+            "/api/v1/channels/mail/quarantine".to_string(),
+            403,
+            "not_permitted",
+        ),
+        (
+            ANNE,
+            format!("/api/v1/channels/mail/quarantine/{id}"),
+            403,
+            "not_permitted",
+        ),
+        (
+            ROUTER,
+            "/api/v1/channels/nope/quarantine".to_string(),
+            404,
+            "unknown_channel",
+        ),
+        // A blob that exists, but not as this channel's quarantined mail.
+        (
+            ROUTER,
+            format!("/api/v1/channels/sms-main/quarantine/{id}"),
+            404,
+            "not_found",
+        ),
+        (
+            ROUTER,
+            "/api/v1/channels/mail/quarantine/nope".to_string(),
+            404,
+            "not_found",
+        ),
+    ] {
+        let (s, v) = app.get(token, &path).await;
+        assert_eq!((s, v["code"].as_str()), (status, Some(code)), "{path}: {v}");
+    }
+
     // The cursor moved past it: a later message arrives, the bad one is not
     // tried again.
     user.append(

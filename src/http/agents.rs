@@ -61,6 +61,14 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
             "/api/v1/routing/events",
             web::get().to(crate::http::ops::routing_events),
         )
+        .route(
+            "/api/v1/channels/{channel_id}/quarantine",
+            web::get().to(crate::http::ops::quarantine),
+        )
+        .route(
+            "/api/v1/channels/{channel_id}/quarantine/{blob}",
+            web::get().to(crate::http::ops::quarantined_message),
+        )
         .service(
             web::resource("/agent/session")
                 .route(web::post().to(sign_in))
@@ -580,7 +588,7 @@ async fn sms_preview(Caller(_): Caller, body: web::Bytes) -> ApiResult<HttpRespo
     Ok(HttpResponse::Ok().json(crate::adapters::sms::segments::analyze(&text)))
 }
 
-fn file_response(bytes: Vec<u8>, content_type: &str, filename: &str) -> HttpResponse {
+pub(super) fn file_response(bytes: Vec<u8>, content_type: &str, filename: &str) -> HttpResponse {
     let safe: String = filename
         .chars()
         .map(|c| {

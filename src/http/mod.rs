@@ -63,6 +63,8 @@ routes! {
     "post" "/api/v1/attachments/{id}/retry" "agent" "Download a failed inbound attachment again from the provider";
     "get" "/api/v1/events" "agent" "Server-Sent Events of changes in the caller's queues";
     "get" "/api/v1/routing/events" "service" "The routing feed: after, wait (long poll)";
+    "get" "/api/v1/channels/{channel_id}/quarantine" "service" "An email channel's quarantined mail, newest first: what its poller gave up on, and why";
+    "get" "/api/v1/channels/{channel_id}/quarantine/{blob}" "service" "One quarantined message's raw bytes (message/rfc822)";
     "post" "/agent/session" "none" "Sign in: {token} sets the session cookie";
     "delete" "/agent/session" "none" "Sign out";
     "get" "/agent" "none" "Redirects to the agent's inbox at /agent/";

@@ -248,3 +248,67 @@ pub async fn routing_events(
     let next = events.last().map(|e| e.id.clone()).or(after);
     Ok(HttpResponse::Ok().json(json!({"events": events, "next": next})))
 }
+
+/// The records of the mail an email channel's IMAP poller quarantined
+/// (`adapters::email::imap`), oldest first; none for other kinds.
+async fn quarantined(
+    state: &State,
+    actor: &Actor,
+    channel: &str,
+) -> ApiResult<Vec<serde_json::Value>> {
+    if !matches!(actor, Actor::Service(_)) {
+        return Err(ApiError::forbidden(
+            "quarantined mail is for service tokens",
+        ));
+    }
+    let g = &state.gateway;
+    g.channel(channel)?;
+    let key = crate::adapters::email::imap::quarantine_list_key(channel);
+    Ok(g.store
+        .kv_get(&key)
+        .await?
+        .and_then(|s| serde_json::from_str(&s).ok())
+        .unwrap_or_default())
+}
+
+/// `GET /api/v1/channels/{channel_id}/quarantine`: what the channel's
+/// poller gave up on (a message it could not parse or store three times),
+/// newest first, each with `blob`, the ID its raw bytes are kept under.
+pub async fn quarantine(
+    state: web::Data<State>,
+    Caller(actor): Caller,
+    path: web::Path<String>,
+) -> ApiResult<HttpResponse> {
+    let mut items = quarantined(&state, &actor, &path).await?;
+    items.reverse();
+    Ok(HttpResponse::Ok().json(json!({ "items": items })))
+}
+
+/// `GET /api/v1/channels/{channel_id}/quarantine/{blob}`: one quarantined
+/// message as the server gave it, to read or to send again once whatever
+/// refused it is fixed (`POST /webhooks/{channel_id}`).
+pub async fn quarantined_message(
+    state: web::Data<State>,
+    Caller(actor): Caller,
+    path: web::Path<(String, String)>,
+) -> ApiResult<HttpResponse> {
+    let (channel, blob) = path.into_inner();
+    let listed = quarantined(&state, &actor, &channel)
+        .await?
+        .iter()
+        .any(|r| r["blob"].as_str() == Some(blob.as_str()));
+    let missing = || {
+        ApiError::not_found(format!(
+            "no quarantined message {blob} on channel {channel}"
+        ))
+    };
+    if !listed {
+        return Err(missing());
+    }
+    let bytes = state.gateway.store.blob(&blob).await?.ok_or_else(missing)?;
+    Ok(super::agents::file_response(
+        bytes,
+        "message/rfc822",
+        &format!("{blob}.eml"),
+    ))
+}
