@@ -139,6 +139,15 @@ impl Metrics {
         registry
             .register(Box::new(channels_unhealthy.clone()))
             .expect("unique metric");
+        // The process's own resident memory, CPU time and open files: the
+        // embedded store keeps its whole history in memory, so memory is
+        // what an operator sizes the machine by.
+        #[cfg(target_os = "linux")]
+        registry
+            .register(Box::new(
+                prometheus::process_collector::ProcessCollector::for_self(),
+            ))
+            .expect("unique metric");
         Metrics {
             registry,
             received,

@@ -220,6 +220,14 @@ async fn operations_routes_answer() {
         "{m}"
     );
     assert!(m.contains("switchboard_outbox_depth 0"), "{m}");
+    // The process's memory, which the embedded store's history grows.
+    let rss: f64 = m
+        .lines()
+        .find_map(|l| l.strip_prefix("process_resident_memory_bytes "))
+        .unwrap_or_else(|| panic!("no process_resident_memory_bytes in {m}"))
+        .parse()
+        .unwrap();
+    assert!(rss > 1e6, "{rss}");
     let doc: Value = app
         .http
         .get(format!("{}/openapi.json", app.url))
