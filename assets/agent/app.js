@@ -7,7 +7,7 @@
   const CHANNEL_ICON = { chat: "💬", email: "✉", facebook: "f", instagram: "◎", sms: "✆", twitter: "𝕏", whatsapp: "☏" };
   const $ = (id) => document.getElementById(id);
   const S = {
-    lang: "en", me: null, channels: {}, queues: [], tags: [], selectedTags: new Set(),
+    lang: "en", me: null, tagsStale: true, tagsAt: 0, channels: {}, queues: [], tags: [], selectedTags: new Set(),
     items: [], current: null, plainText: new Set(), files: [], events: null, outKind: null, refreshTimer: null, previewTimer: null,
   };
 
@@ -173,12 +173,15 @@
   const EVENT_TYPES = ["interaction.created", "message.received", "message.sent", "message.status", "interaction.assigned",
     "interaction.resolved", "interaction.reopened", "interaction.ended", "interaction.transferred", "interaction.updated",
     "message.updated"];
+  const TAG_EVENTS = ["interaction.updated", "interaction.transferred", "interaction.assigned"];
   function connectEvents() {
     if (S.events) S.events.close();
     const es = new EventSource("/api/v1/events", { withCredentials: true });
     const on = (ev) => {
       let data = null;
       try { data = JSON.parse(ev.data); } catch (_) { /* ignore */ }
+      // Only these can change which tags are in use in the agent's queues.
+      if (TAG_EVENTS.includes(ev.type)) S.tagsStale = true;
       scheduleRefresh(data && data.case_number);
     };
     for (const ty of EVENT_TYPES) es.addEventListener(ty, on);
@@ -188,7 +191,10 @@
       const was = document.body.classList.contains("offline");
       document.body.classList.remove("offline");
       $("conn").hidden = true;
-      if (was) scheduleRefresh(S.current && S.current.case_number);
+      if (was) {
+        S.tagsStale = true;
+        scheduleRefresh(S.current && S.current.case_number);
+      }
     };
     es.onerror = () => {
       document.body.classList.add("offline");
@@ -216,16 +222,28 @@
   }
 
   // ---------- the Digital list ----------
+  // The tags in use are read from every interaction of the agent's queues,
+  // so they are fetched again only when an event may have changed them (or
+  // a minute has passed), not on every refresh.
+  const TAGS_EVERY_MS = 60000;
   async function refresh() {
     const p = new URLSearchParams();
     p.set("sort", $("sort").value);
     for (const tag of S.selectedTags) p.append("tag", tag);
+    const withTags = S.tagsStale !== false || Date.now() - (S.tagsAt || 0) > TAGS_EVERY_MS;
+    if (withTags) {
+      S.tagsStale = false;
+      S.tagsAt = Date.now();
+    }
     const [list, me, tags, mine] = await Promise.all([
       api("GET", "/api/v1/interactions?" + p.toString()),
       api("GET", "/api/v1/me"),
-      api("GET", "/api/v1/tags"),
+      withTags ? api("GET", "/api/v1/tags") : Promise.resolve({ items: S.tags }),
       api("GET", "/api/v1/interactions?view=mine&limit=500"),
-    ]);
+    ]).catch((e) => {
+      if (withTags) S.tagsStale = true;
+      throw e;
+    });
     S.items = list.items;
     S.me = me;
     S.mine = mine.items;

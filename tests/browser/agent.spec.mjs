@@ -355,6 +355,23 @@ test("two agents work the digital inbox", async (t) => {
       await eventually("only vip", async () => JSON.stringify(await order()) === JSON.stringify([sms]));
       await tags.getByLabel("vip").uncheck();
       await eventually("all again", async () => (await order()).length === 2);
+
+      // A new message refreshes the list, not the tags in use: those are read
+      // from every interaction of the queues, and only a change to an
+      // interaction's tags, queue or assignee can change them.
+      const tagReads = [];
+      const count = (req) => { if (new URL(req.url()).pathname === "/api/v1/tags") tagReads.push(req.url()); };
+      anne.on("request", count);
+      const later = `Untagged SMS ${stamp}`;
+      await simulate("sms-main", later, "+14155550134");
+      await rowFor(anne, later).waitFor({ timeout: T });
+      assert.deepEqual(tagReads, [], "no tags read for a new message");
+      r = await api("anne", "PATCH", `/api/v1/interactions/${waCase}`, { tags: ["billing", "urgent"] });
+      assert.equal(r.status, 200, JSON.stringify(r.body));
+      await tags.getByLabel("urgent").waitFor({ timeout: T });
+      anne.off("request", count);
+      assert.ok(tagReads.length >= 1, "the tags read again after a tag change");
+      await eventually("all three", async () => (await order()).length === 3);
     });
 
     await t.test("the messaging window and the channel's limits are shown (WhatsApp)", async () => {
