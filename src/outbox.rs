@@ -106,9 +106,8 @@ async fn deliver(g: &Arc<Gateway>, job: OutboxJob) -> Result<Outcome, StoreError
     // An email names every earlier message of its thread (`References`),
     // so it reads the conversation; any other channel needs the message
     // alone, and the one it quotes.
-    let threaded = g
-        .channel(&job.channel_id)
-        .is_ok_and(|c| c.config.kind == ChannelKind::Email);
+    let channel = g.channel(&job.channel_id).ok();
+    let threaded = channel.is_some_and(|c| c.config.kind == ChannelKind::Email);
     let read = if threaded {
         g.store.interaction(job.case_number).await?
     } else {
@@ -131,7 +130,7 @@ async fn deliver(g: &Arc<Gateway>, job: OutboxJob) -> Result<Outcome, StoreError
         // Already delivered (or failed) by an earlier attempt.
         return drop_job(g, &job).await;
     }
-    let Ok(ch) = g.channel(&job.channel_id) else {
+    let Some(ch) = channel else {
         return finish(
             g,
             &job,

@@ -263,12 +263,7 @@ async fn quarantined(
     }
     let g = &state.gateway;
     g.channel(channel)?;
-    let key = crate::adapters::email::imap::quarantine_list_key(channel);
-    Ok(g.store
-        .kv_get(&key)
-        .await?
-        .and_then(|s| serde_json::from_str(&s).ok())
-        .unwrap_or_default())
+    Ok(crate::adapters::email::imap::quarantined(&g.store, channel).await?)
 }
 
 /// `GET /api/v1/channels/{channel_id}/quarantine`: what the channel's

@@ -724,15 +724,33 @@ impl RedisStore {
         Ok(())
     }
 
-    /// The interactions in any of the index sets `sets`, each once, as a
-    /// list shows them: the case numbers first, then the interactions
+    /// The interactions in any of `queues` or assigned to `agent` (with
+    /// `waiting`, from the sets of those `in_queue`), each once, as a list
+    /// shows them: the case numbers first, then the interactions
     /// [`LIST_BATCH`] at a time, each batch one script. One script for all
     /// of them held Redis, and every other gateway process's webhooks, for
     /// as long as a queue's whole history took to read (96 ms for 10,000
     /// interactions). An interaction that changes meanwhile is listed as
     /// it is when its batch is read; the gateway applies the list's rules
     /// to what it gets.
-    async fn listed(&self, sets: Vec<String>) -> StoreResult<Vec<Listed>> {
+    async fn listed(
+        &self,
+        queues: &[String],
+        agent: Option<&str>,
+        waiting: bool,
+    ) -> StoreResult<Vec<Listed>> {
+        let k = &self.keys;
+        let mut sets: Vec<String> = queues
+            .iter()
+            .map(|q| if waiting { k.waiting(q) } else { k.queue(q) })
+            .collect();
+        sets.extend(agent.map(|a| {
+            if waiting {
+                k.waiting_assigned(a)
+            } else {
+                k.assigned(a)
+            }
+        }));
         if sets.is_empty() {
             return Ok(vec![]);
         }
@@ -1165,11 +1183,7 @@ impl Store for RedisStore {
         queues: &[String],
         agent: Option<&str>,
     ) -> StoreResult<Vec<Listed>> {
-        let mut sets: Vec<String> = queues.iter().map(|q| self.keys.queue(q)).collect();
-        if let Some(a) = agent {
-            sets.push(self.keys.assigned(a));
-        }
-        self.listed(sets).await
+        self.listed(queues, agent, false).await
     }
 
     async fn waiting_for(
@@ -1177,11 +1191,7 @@ impl Store for RedisStore {
         queues: &[String],
         agent: Option<&str>,
     ) -> StoreResult<Vec<Listed>> {
-        let mut sets: Vec<String> = queues.iter().map(|q| self.keys.waiting(q)).collect();
-        if let Some(a) = agent {
-            sets.push(self.keys.waiting_assigned(a));
-        }
-        self.listed(sets).await
+        self.listed(queues, agent, true).await
     }
 
     async fn contact(&self, key: &str) -> StoreResult<Option<Contact>> {

@@ -407,6 +407,19 @@ pub fn quarantine_list_key(channel_id: &str) -> String {
     format!("email-quarantine:{channel_id}")
 }
 
+/// The records of the mail channel `channel_id`'s poller quarantined,
+/// oldest first (at most [`QUARANTINE_LIST_MAX`]).
+pub async fn quarantined(
+    store: &crate::store::DynStore,
+    channel_id: &str,
+) -> crate::store::StoreResult<Vec<serde_json::Value>> {
+    Ok(store
+        .kv_get(&quarantine_list_key(channel_id))
+        .await?
+        .and_then(|s| serde_json::from_str(&s).ok())
+        .unwrap_or_default())
+}
+
 fn attempts_key(channel_id: &str, c: &Cursor, uid: u32) -> String {
     format!(
         "imap-attempts:{channel_id}:{}:{}:{uid}",
@@ -806,12 +819,9 @@ impl Poller {
             "at": chrono::Utc::now(),
         });
         let list_key = quarantine_list_key(&self.channel_id);
-        let mut list: Vec<serde_json::Value> = store
-            .kv_get(&list_key)
+        let mut list = quarantined(store, &self.channel_id)
             .await
-            .map_err(|e| e.to_string())?
-            .and_then(|s| serde_json::from_str(&s).ok())
-            .unwrap_or_default();
+            .map_err(|e| e.to_string())?;
         list.push(record);
         if list.len() > QUARANTINE_LIST_MAX {
             let extra = list.len() - QUARANTINE_LIST_MAX;
