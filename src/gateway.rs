@@ -1844,15 +1844,7 @@ impl Gateway {
         };
         let items: Vec<Listed> = candidates
             .into_iter()
-            .filter(|Listed { interaction: i, .. }| {
-                let mine = agent.is_some() && i.assigned_to.as_deref() == agent;
-                let in_queues = queues.contains(&i.queue);
-                match q.view.as_str() {
-                    "mine" => mine,
-                    "all" => in_queues || mine,
-                    _ => i.in_queue && (mine || (in_queues && i.assigned_to.is_none())),
-                }
-            })
+            .filter(|l| in_view(&q.view, agent, &queues, &l.interaction))
             .filter(|l| q.status.is_none_or(|s| l.interaction.status == s))
             .filter(|l| q.tags.is_empty() || l.interaction.tags.iter().any(|t| q.tags.contains(t)))
             .collect();
@@ -2059,11 +2051,47 @@ impl Gateway {
         (now.timestamp() <= expires).then_some((case, att))
     }
 
-    pub fn unread_count(&self, items: &[Listed], agent: &str) -> usize {
-        items
-            .iter()
-            .filter(|l| l.interaction.unread_for(agent))
-            .count()
+    /// What is unread in an agent's default view (`view=queue`), all of
+    /// it rather than a page: how many, and the case numbers of those
+    /// assigned to the agent (the agent UI's badge for "My interactions").
+    /// It reads only what waits, as the default list does: what an agent
+    /// was assigned and has finished is not read.
+    pub async fn unread(&self, actor: &Actor) -> GResult<Unread> {
+        let Actor::Agent(agent) = actor else {
+            return Ok(Unread::default());
+        };
+        let queues = self.visible_queues(actor);
+        let mut unread = Unread::default();
+        for Listed { interaction: i, .. } in self.store.waiting_for(&queues, Some(agent)).await? {
+            if !in_view("queue", Some(agent.as_str()), &queues, &i) || !i.unread_for(agent) {
+                continue;
+            }
+            unread.count += 1;
+            if i.assigned_to.as_deref() == Some(agent.as_str()) {
+                unread.mine.push(i.case_number);
+            }
+        }
+        unread.mine.sort_unstable();
+        Ok(unread)
+    }
+}
+
+/// See [`Gateway::unread`].
+#[derive(Debug, Default)]
+pub struct Unread {
+    pub count: usize,
+    pub mine: Vec<u64>,
+}
+
+/// Whether `i` belongs in `view` for `agent` (CONTRACT.md, "Lists and
+/// feeds"); `queues` are those the caller sees.
+fn in_view(view: &str, agent: Option<&str>, queues: &[String], i: &Interaction) -> bool {
+    let mine = agent.is_some() && i.assigned_to.as_deref() == agent;
+    let in_queues = queues.contains(&i.queue);
+    match view {
+        "mine" => mine,
+        "all" => in_queues || mine,
+        _ => i.in_queue && (mine || (in_queues && i.assigned_to.is_none())),
     }
 }
 

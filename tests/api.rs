@@ -265,6 +265,7 @@ async fn a_customer_reply_after_resolution_reopens_the_interaction(b: Backend) {
     assert_eq!(i["unread"], true);
     let (_, me) = app.get(ANNE, "/api/v1/me").await;
     assert_eq!(me["unread"], 1);
+    assert_eq!(me["mine_unread"], json!([case]), "{me}");
     // Opening it again (assign to oneself) marks it read.
     let (s, v) = app
         .post(
@@ -276,6 +277,58 @@ async fn a_customer_reply_after_resolution_reopens_the_interaction(b: Backend) {
     assert_eq!((s, v["unread"].clone()), (200, json!(false)), "{v}");
     let (_, me) = app.get(ANNE, "/api/v1/me").await;
     assert_eq!(me["unread"], 0);
+    assert_eq!(me["mine_unread"], json!([]), "{me}");
+}
+
+/// The agent UI's counts come from `/api/v1/me`: they must count every
+/// unread interaction, not the first page of a list, and name the caller's
+/// own ones apart (the badge of "My interactions"), whoever else's are there.
+#[tokio::test]
+async fn me_counts_every_unread_interaction_and_names_the_callers_own() {
+    let app = TestApp::start(Backend::Embedded).await;
+    for n in 0..503 {
+        let (s, _) = app
+            .sms_from(&format!("+1415555{n:04}"), "hello", &format!("SMp{n}"))
+            .await;
+        assert_eq!(s, 200);
+    }
+    let (_, list) = app.get(ANNE, "/api/v1/interactions?limit=500").await;
+    let cases: Vec<u64> = list["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["case_number"].as_u64().unwrap())
+        .collect();
+    assert_eq!(cases.len(), 500);
+    let (_, me) = app.get(ANNE, "/api/v1/me").await;
+    assert_eq!(
+        (me["unread"].clone(), me["mine_unread"].clone()),
+        (json!(503), json!([]))
+    );
+    // Anne takes two; one customer writes again after that.
+    for case in &cases[..2] {
+        let (s, _) = app
+            .post(
+                ANNE,
+                &format!("/api/v1/interactions/{case}/assign"),
+                json!({}),
+            )
+            .await;
+        assert_eq!(s, 200);
+    }
+    let i = app.interaction(cases[1]).await;
+    app.sms_from(i["digital_id"].as_str().unwrap(), "again", "SMp-again")
+        .await;
+    let (_, me) = app.get(ANNE, "/api/v1/me").await;
+    assert_eq!(me["unread"], 502, "{me}");
+    assert_eq!(me["mine_unread"], json!([cases[1]]), "{me}");
+    // Bob sees the same queue: anne's cases are not in his view at all.
+    let (_, me) = app.get(BOB, "/api/v1/me").await;
+    assert_eq!(
+        (me["unread"].clone(), me["mine_unread"].clone()),
+        (json!(501), json!([])),
+        "{me}"
+    );
 }
 
 /// Only the assigned agent may reply; bad tokens are refused.

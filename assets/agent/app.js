@@ -235,18 +235,18 @@
       S.tagsStale = false;
       S.tagsAt = Date.now();
     }
-    const [list, me, tags, mine] = await Promise.all([
+    // "My interactions" is read when its dialog opens; its badge comes
+    // with /me, which reads only what waits.
+    const [list, me, tags] = await Promise.all([
       api("GET", "/api/v1/interactions?" + p.toString()),
       api("GET", "/api/v1/me"),
       withTags ? api("GET", "/api/v1/tags") : Promise.resolve({ items: S.tags }),
-      api("GET", "/api/v1/interactions?view=mine&limit=500"),
     ]).catch((e) => {
       if (withTags) S.tagsStale = true;
       throw e;
     });
     S.items = list.items;
     S.me = me;
-    S.mine = mine.items;
     if (JSON.stringify(tags.items) !== JSON.stringify(S.tags)) {
       S.tags = tags.items;
       renderTags();
@@ -259,7 +259,7 @@
     $("unread-count").hidden = !u;
     $("unread-count").textContent = u ? String(u) : "";
     $("unread-count").setAttribute("aria-label", `${u} ${t("unread")}`);
-    const mu = (S.mine || []).filter((i) => i.unread && (!S.current || i.case_number !== S.current.case_number)).length;
+    const mu = ((S.me && S.me.mine_unread) || []).filter((c) => !S.current || c !== S.current.case_number).length;
     $("mine-badge").hidden = !mu;
     $("mine-badge").textContent = mu ? String(mu) : "";
     $("mine-badge").setAttribute("aria-label", `${mu} ${t("unread")}`);
@@ -727,11 +727,12 @@
   }
 
   // ---------- switch ----------
-  function openMine() {
+  async function openMine() {
+    const mine = (await api("GET", "/api/v1/interactions?view=mine&limit=500")).items;
     const ul = $("mine-list");
     ul.textContent = "";
-    for (const i of S.mine || []) ul.append(row(i, async (x) => { $("mine-dialog").close(); await openFromList(x); }));
-    $("mine-empty").hidden = (S.mine || []).length > 0;
+    for (const i of mine) ul.append(row(i, async (x) => { $("mine-dialog").close(); await openFromList(x); }));
+    $("mine-empty").hidden = mine.length > 0;
     $("mine-dialog").showModal();
   }
 
@@ -850,7 +851,7 @@
     $("sort").addEventListener("change", () => refresh().catch(showError));
     $("home").addEventListener("click", () => { closeThread(); refresh().catch(showError); });
     $("back").addEventListener("click", () => { closeThread(); });
-    $("switch").addEventListener("click", openMine);
+    $("switch").addEventListener("click", () => openMine().catch(showError));
     $("new").addEventListener("click", () => toggleMenu($("new"), $("new-menu")));
     $("new-email").addEventListener("click", () => openOut("email"));
     $("new-sms").addEventListener("click", () => openOut("sms"));

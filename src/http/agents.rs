@@ -116,15 +116,7 @@ async fn me(state: web::Data<State>, Caller(actor): Caller) -> ApiResult<HttpRes
     let Some(agent) = agent_config(&state, &actor) else {
         return Ok(HttpResponse::Ok().json(json!({"id": actor.id(), "service": true})));
     };
-    let (items, _) = g
-        .list(
-            &actor,
-            &ListQuery {
-                limit: 500,
-                ..ListQuery::default()
-            },
-        )
-        .await?;
+    let unread = g.unread(&actor).await?;
     let queues: Vec<Value> = agent
         .queues
         .iter()
@@ -134,7 +126,8 @@ async fn me(state: web::Data<State>, Caller(actor): Caller) -> ApiResult<HttpRes
     Ok(HttpResponse::Ok().json(json!({
         "id": agent.id, "name": agent.name, "queues": queues,
         "can_transfer": agent.can_transfer,
-        "unread": g.unread_count(&items, &agent.id),
+        "unread": unread.count,
+        "mine_unread": unread.mine,
     })))
 }
 

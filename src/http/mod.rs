@@ -42,7 +42,7 @@ routes! {
     "get" "/webhooks/{channel_id}" "provider" "Provider handshakes (Meta hub challenge, X CRC)";
     "post" "/webhooks/{channel_id}" "provider" "Inbound messages and delivery statuses, verified by the provider's signature";
     "get" "/media/{token}" "link" "An outbound attachment under an unguessable, expiring link (providers fetch it)";
-    "get" "/api/v1/me" "agent" "The caller, their queues and unread count";
+    "get" "/api/v1/me" "agent" "The caller, their queues, the unread count of their default view and their own unread cases";
     "get" "/api/v1/queues" "agent" "Every queue with its kind and whether the caller is a member";
     "get" "/api/v1/channels" "agent" "Channels with their capabilities and limits";
     "get" "/api/v1/tags" "agent" "Tags in use in the caller's queues";

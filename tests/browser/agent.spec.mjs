@@ -301,12 +301,21 @@ test("two agents work the digital inbox", async (t) => {
       await rowFor(bob, other).click();
       await bob.locator("#messages").getByText(other).waitFor({ timeout: T });
       assert.ok(await bob.locator("#mine-badge").isHidden());
+      // The badge comes with /api/v1/me; the list of everything ever
+      // assigned to bob is read only when he opens it.
+      const mineReads = [];
+      const watch = (req) => { if (new URL(req.url()).searchParams.get("view") === "mine") mineReads.push(req.url()); };
+      bob.on("request", watch);
       // The first customer writes while bob looks at the other one.
       const third = `Still there? ${stamp}`;
       await simulate("sms-main", third, customer);
       await eventually("the badge", async () => (await bob.locator("#mine-badge").isVisible()) && (await bob.locator("#mine-badge").innerText()) === "1");
+      assert.deepEqual(mineReads, [], "the refresh reads no view=mine");
       await bob.getByRole("button", { name: /My interactions/ }).click();
       const d = bob.locator("#mine-dialog");
+      await d.locator(".row").first().waitFor({ timeout: T });
+      bob.off("request", watch);
+      assert.equal(mineReads.length, 1, "opening the dialog reads it");
       assert.equal(await d.locator(".row").count(), 2);
       const target = d.locator(`.row[data-case="${caseA}"]`);
       assert.match(await target.getAttribute("class"), /unread/);
