@@ -2051,6 +2051,17 @@ impl Gateway {
         (now.timestamp() <= expires).then_some((case, att))
     }
 
+    /// The tags in use where the caller works: on the interactions of
+    /// their queues and those assigned to them (what `view=all` lists).
+    pub async fn tags(&self, actor: &Actor) -> GResult<Vec<String>> {
+        let queues = self.visible_queues(actor);
+        let agent = match actor {
+            Actor::Agent(a) => Some(a.as_str()),
+            Actor::Service(_) => None,
+        };
+        Ok(self.store.tags_for(&queues, agent).await?)
+    }
+
     /// What is unread in an agent's default view (`view=queue`), all of
     /// it rather than a page: how many, and the case numbers of those
     /// assigned to the agent (the agent UI's badge for "My interactions").

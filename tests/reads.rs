@@ -75,6 +75,9 @@ impl Store for Counting {
     ) -> StoreResult<Vec<Listed>> {
         self.inner.waiting_for(queues, agent).await
     }
+    async fn tags_for(&self, queues: &[String], agent: Option<&str>) -> StoreResult<Vec<String>> {
+        self.inner.tags_for(queues, agent).await
+    }
     async fn contact(&self, key: &str) -> StoreResult<Option<Contact>> {
         self.inner.contact(key).await
     }

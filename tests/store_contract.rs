@@ -129,6 +129,7 @@ contract!(
     subscribers_receive_committed_events_in_order,
     interactions_for_follows_queue_and_assignee,
     waiting_for_holds_only_the_interactions_in_queue,
+    tags_for_follows_tags_queues_and_agents,
     a_long_list_holds_every_interaction_once,
     interactions_for_leaves_out_every_message_but_the_latest,
     contact_by_id_finds_the_stored_contact,
@@ -1106,6 +1107,65 @@ async fn waiting_for_holds_only_the_interactions_in_queue(store: DynStore) {
         .is_empty());
 }
 
+/// The tags agents filter by come from `tags_for`, which counts them as
+/// interactions change: a tag is listed while an interaction of the
+/// queues (or assigned to the agent) carries it, and not after the last
+/// one drops it or moves away.
+async fn tags_for_follows_tags_queues_and_agents(store: DynStore) {
+    let support = vec!["support".to_string()];
+    let sales = vec!["sales".to_string()];
+    let tags = |queues: Vec<String>, agent: Option<&'static str>| {
+        let store = store.clone();
+        async move { store.tags_for(&queues, agent).await.unwrap() }
+    };
+    let mut i1 = stored_interaction(&store, "15551150001", "support").await;
+    let mut i2 = stored_interaction(&store, "15551150002", "support").await;
+    assert!(tags(support.clone(), None).await.is_empty());
+    i1.tags = vec!["vip".into(), "billing".into(), "vip".into()];
+    let c1 = i1.case_number;
+    commit_interaction(&store, i1).await.unwrap();
+    i2.tags = vec!["billing".into()];
+    i2.assigned_to = Some("bob".into());
+    let c2 = i2.case_number;
+    commit_interaction(&store, i2).await.unwrap();
+    assert_eq!(tags(support.clone(), None).await, ["billing", "vip"]);
+    assert_eq!(tags(vec![], Some("bob")).await, ["billing"]);
+    assert!(tags(sales.clone(), Some("anne")).await.is_empty());
+
+    // A message changes no tag; one interaction dropping a tag leaves it
+    // listed while the other carries it.
+    let mut to_append = store.interaction_to_append(c1).await.unwrap().unwrap();
+    let now = Utc::now();
+    let events = to_append.receive(inbound("and now?", now), now, false);
+    store
+        .commit(Commit {
+            interaction: Some(to_append),
+            events,
+            ..Commit::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(tags(support.clone(), None).await, ["billing", "vip"]);
+    let mut i1 = store.interaction(c1).await.unwrap().unwrap();
+    i1.tags = vec!["vip".into()];
+    commit_interaction(&store, i1).await.unwrap();
+    assert_eq!(tags(support.clone(), None).await, ["billing", "vip"]);
+
+    // i2 moves to sales (and to no agent): its tag goes with it.
+    let mut i2 = store.interaction(c2).await.unwrap().unwrap();
+    i2.queue = "sales".into();
+    i2.assigned_to = None;
+    commit_interaction(&store, i2).await.unwrap();
+    assert_eq!(tags(support.clone(), None).await, ["vip"]);
+    assert_eq!(tags(sales.clone(), None).await, ["billing"]);
+    assert!(tags(vec![], Some("bob")).await.is_empty());
+    assert_eq!(tags(support, Some("bob")).await, ["vip"]);
+    assert_eq!(
+        tags(vec!["support".into(), "sales".into()], None).await,
+        ["billing", "vip"]
+    );
+}
+
 /// A queue with more interactions than one read takes (the Redis store
 /// reads a list 200 at a time, so that Redis is never held for a whole
 /// queue's history): each is listed once, as stored.
@@ -1970,7 +2030,10 @@ async fn redis_writes_only_the_new_and_the_changed_messages() {
     let v1 = stored_interaction(&store, "15551234567", "support").await;
     let case = v1.case_number;
     let (fields, list) = redis_layout(&mut conn, &keys.prefix, case).await;
-    assert_eq!(fields, ["akey", "head", "qkey", "v", "wakey", "wkey"]);
+    assert_eq!(
+        fields,
+        ["akey", "head", "qkey", "tags", "takey", "tqkey", "v", "wakey", "wkey"]
+    );
     assert_eq!(list.len(), 1);
     assert_eq!(list[0]["text"], "Hi, my order #4411 has not arrived");
 
@@ -2131,6 +2194,105 @@ async fn redis_interactions_stored_before_the_waiting_sets_are_put_in_them() {
     );
 }
 
+/// Interactions stored before the tag counts existed (no `tags` field in
+/// their hash, no count hashes, no `{p}:tags-counted`) are counted when a
+/// gateway connects, once: one in the queue, one an older gateway stored
+/// whole and assigned. Later commits then move the counts as they would
+/// have.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_the_tags_of_interactions_stored_before_the_tag_counts_are_counted() {
+    let (keys, store, mut conn) = redis_store_with_conn().await;
+    let mut queued = stored_interaction(&store, "15551160001", "support").await;
+    queued.tags = vec!["billing".into(), "a/b".into()];
+    commit_interaction(&store, queued.clone()).await.unwrap();
+    let mut assigned = stored_interaction(&store, "15551160002", "support").await;
+    assigned.tags = vec!["billing".into(), "vip".into()];
+    assigned.assigned_to = Some("bob".into());
+    commit_interaction(&store, assigned.clone()).await.unwrap();
+    let assigned = store
+        .interaction(assigned.case_number)
+        .await
+        .unwrap()
+        .unwrap();
+    drop(store);
+    // Back to the earlier layout.
+    let p = &keys.prefix;
+    let _: () = redis::cmd("HDEL")
+        .arg(format!("{p}:interaction:{}", queued.case_number))
+        .arg("tqkey")
+        .arg("takey")
+        .arg("tags")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let _: () = redis::cmd("DEL")
+        .arg(format!("{p}:interaction:{}", assigned.case_number))
+        .arg(format!("{p}:interaction:{}:messages", assigned.case_number))
+        .arg(format!("{p}:tags:support"))
+        .arg(format!("{p}:tags-assigned:bob"))
+        .arg(format!("{p}:tags-counted"))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let _: () = redis::cmd("HSET")
+        .arg(format!("{p}:interaction:{}", assigned.case_number))
+        .arg("v")
+        .arg(assigned.version)
+        .arg("json")
+        .arg(serde_json::to_string(&assigned).unwrap())
+        .arg("qkey")
+        .arg(format!("{p}:queue:support"))
+        .arg("akey")
+        .arg(format!("{p}:assigned:bob"))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+
+    let store: DynStore = RedisStore::connect(&redis_url(), p, RETENTION)
+        .await
+        .unwrap();
+    let support = vec!["support".to_string()];
+    assert_eq!(
+        store.tags_for(&support, None).await.unwrap(),
+        ["a/b", "billing", "vip"]
+    );
+    assert_eq!(
+        store.tags_for(&[], Some("bob")).await.unwrap(),
+        ["billing", "vip"]
+    );
+    let marker: Option<String> = redis::cmd("GET")
+        .arg(format!("{p}:tags-counted"))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(marker.as_deref(), Some("1"));
+    // A second gateway connecting counts nothing twice: "billing" goes
+    // once both have dropped it, and not before.
+    let store: DynStore = RedisStore::connect(&redis_url(), p, RETENTION)
+        .await
+        .unwrap();
+    let mut q = store
+        .interaction(queued.case_number)
+        .await
+        .unwrap()
+        .unwrap();
+    q.tags = vec!["a/b".into()];
+    commit_interaction(&store, q).await.unwrap();
+    assert_eq!(
+        store.tags_for(&support, None).await.unwrap(),
+        ["a/b", "billing", "vip"]
+    );
+    let mut a = store
+        .interaction(assigned.case_number)
+        .await
+        .unwrap()
+        .unwrap();
+    a.tags = vec![];
+    commit_interaction(&store, a).await.unwrap();
+    assert_eq!(store.tags_for(&support, None).await.unwrap(), ["a/b"]);
+    assert!(store.tags_for(&[], Some("bob")).await.unwrap().is_empty());
+}
+
 /// An interaction an older gateway stored whole (messages inside the
 /// document, field `json`) is read as it is, listed, and moved to the
 /// header-plus-list layout by its next change.
@@ -2178,7 +2340,10 @@ async fn redis_an_interaction_stored_whole_by_an_older_gateway_is_read_and_moved
     next.receive(inbound("third, after the upgrade", now), now, false);
     commit_interaction(&store, next).await.unwrap();
     let (fields, list) = redis_layout(&mut conn, &keys.prefix, case).await;
-    assert_eq!(fields, ["akey", "head", "qkey", "v", "wakey", "wkey"]);
+    assert_eq!(
+        fields,
+        ["akey", "head", "qkey", "tags", "takey", "tqkey", "v", "wakey", "wkey"]
+    );
     let texts: Vec<_> = list.iter().map(|m| m["text"].clone()).collect();
     assert_eq!(
         texts,

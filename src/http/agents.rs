@@ -160,20 +160,7 @@ async fn channels(state: web::Data<State>, Caller(_): Caller) -> ApiResult<HttpR
 }
 
 async fn tags(state: web::Data<State>, Caller(actor): Caller) -> ApiResult<HttpResponse> {
-    let (items, _) = state
-        .gateway
-        .list(
-            &actor,
-            &ListQuery {
-                view: "all".into(),
-                limit: usize::MAX,
-                ..ListQuery::default()
-            },
-        )
-        .await?;
-    let mut tags: Vec<String> = items.into_iter().flat_map(|l| l.interaction.tags).collect();
-    tags.sort();
-    tags.dedup();
+    let tags = state.gateway.tags(&actor).await?;
     Ok(HttpResponse::Ok().json(json!({"items": tags})))
 }
 

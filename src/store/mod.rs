@@ -116,6 +116,11 @@ pub trait Store: Send + Sync + 'static {
     /// with every interaction the queues ever had.
     async fn waiting_for(&self, queues: &[String], agent: Option<&str>)
         -> StoreResult<Vec<Listed>>;
+    /// The tags carried by the interactions [`Store::interactions_for`]
+    /// gives, each once, sorted: the tags an agent can filter by. The store
+    /// counts them as interactions change, so that this reads no
+    /// interaction.
+    async fn tags_for(&self, queues: &[String], agent: Option<&str>) -> StoreResult<Vec<String>>;
     async fn contact(&self, key: &str) -> StoreResult<Option<Contact>>;
     async fn contact_by_id(&self, id: &str) -> StoreResult<Option<Contact>>;
     /// The value a claim or index entry holds.

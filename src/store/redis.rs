@@ -4,13 +4,16 @@
 //!
 //! | key | type | holds |
 //! | --- | --- | --- |
-//! | `{p}:interaction:{case}` | hash | `v` (version), `head` (the interaction's JSON without its messages), `qkey` / `akey` / `wkey` / `wakey` (the index sets it is in) |
+//! | `{p}:interaction:{case}` | hash | `v` (version), `head` (the interaction's JSON without its messages), `qkey` / `akey` / `wkey` / `wakey` (the index sets it is in), `tqkey` / `takey` / `tags` (the tag counts it is counted in, and its tags as counted: a JSON array) |
 //! | `{p}:interaction:{case}:messages` | list | the interaction's messages in order, one JSON document each |
 //! | `{p}:queue:{queue}` | set | case numbers of the interactions in that queue |
 //! | `{p}:assigned:{agent}` | set | case numbers of the interactions assigned to that agent |
 //! | `{p}:waiting:{queue}` | set | the same, of the interactions waiting (`in_queue`) in that queue: agents' default lists |
 //! | `{p}:waiting-assigned:{agent}` | set | the same, of those waiting and assigned to that agent |
 //! | `{p}:lists` | string | `1` once every interaction stored before the `waiting` sets is in them ([`WAITING_SETS_LUA`]) |
+//! | `{p}:tags:{queue}` | hash | tag → how many interactions in that queue carry it (none at 0): the tags in use |
+//! | `{p}:tags-assigned:{agent}` | hash | the same, of the interactions assigned to that agent |
+//! | `{p}:tags-counted` | string | `1` once every interaction stored before the tag counts is counted ([`TAG_COUNTS_LUA`]) |
 //! | `{p}:contact:{contact key}` | hash | `v` (version), `json` |
 //! | `{p}:contact-id:{contact id}` | string | the contact key, for `contact_by_id` |
 //! | `{p}:claim:{key}` | string | a claim's or index entry's value |
@@ -75,6 +78,20 @@ const FOLLOW_BATCH: usize = 512;
 /// How long a pool waits for, creates or recycles a connection before the
 /// store answers `Unavailable` (and the HTTP edge 503).
 const POOL_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Lua shared by the scripts that count tags: `count_tags(tqkey, takey,
+/// tags, by)` adds `by` to each tag of the JSON array `tags` in the count
+/// hashes `tqkey` (the queue's) and `takey` (the agent's, `''` for none),
+/// and drops a tag whose count reaches 0.
+const COUNT_TAGS_LUA: &str = r#"
+local function count_tags(tqkey, takey, tags, by)
+  for _, tag in ipairs(cjson.decode(tags)) do
+    for _, h in ipairs({tqkey, takey}) do
+      if h and h ~= '' and redis.call('HINCRBY', h, tag, by) <= 0 then redis.call('HDEL', h, tag) end
+    end
+  end
+end
+"#;
 
 /// The commit, checked then applied. `ARGV[1]` is the commit's plan as JSON
 /// ([`CommitPlan`], built by [`RedisStore::commit`]); the documents it
@@ -185,11 +202,16 @@ if c.interaction then
   local it = c.interaction
   -- The index sets it is in now and was in before ('' for none).
   local now_in = {it.qkey, it.akey, it.wkey, it.wakey}
-  local was_in = redis.call('HMGET', it.key, 'qkey', 'akey', 'wkey', 'wakey')
+  local was_in = redis.call('HMGET', it.key, 'qkey', 'akey', 'wkey', 'wakey', 'tqkey', 'takey', 'tags')
   for n = 1, 4 do
     local old = was_in[n]
     if old and old ~= '' and old ~= now_in[n] then redis.call('SREM', old, it.case) end
     if now_in[n] ~= '' then redis.call('SADD', now_in[n], it.case) end
+  end
+  -- Its tags, counted where it was and where it is now (a message changes neither).
+  if was_in[5] ~= it.tqkey or was_in[6] ~= it.takey or was_in[7] ~= it.tags then
+    if was_in[7] then count_tags(was_in[5], was_in[6], was_in[7], -1) end
+    count_tags(it.tqkey, it.takey, it.tags, 1)
   end
   local len = 0
   if it.rewrite then
@@ -207,7 +229,7 @@ if c.interaction then
     end
   end
   redis.call('HSET', it.key, 'v', it.next, 'head', interaction_json, 'qkey', it.qkey, 'akey', it.akey,
-    'wkey', it.wkey, 'wakey', it.wakey)
+    'wkey', it.wkey, 'wakey', it.wakey, 'tqkey', it.tqkey, 'takey', it.takey, 'tags', it.tags)
   -- The whole document an older gateway wrote, if any, is superseded.
   redis.call('HDEL', it.key, 'json')
   -- Keep the case counter past every stored case (as the embedded store does).
@@ -256,6 +278,38 @@ for n = tonumber(ARGV[2]), tonumber(ARGV[3]) do
   end
 end
 return placed
+"#;
+
+/// Counts the tags of interactions stored before the tag counts existed
+/// (after [`COUNT_TAGS_LUA`]): ARGV as [`WAITING_SETS_LUA`]'s. Each one not
+/// counted yet (no `tags` field) is counted by its stored header (or whole
+/// document) in the same script. Returns how many were counted.
+const TAG_COUNTS_LUA: &str = r#"
+local p = ARGV[1]
+local counted = 0
+for n = tonumber(ARGV[2]), tonumber(ARGV[3]) do
+  local case = string.format('%d', n)
+  local key = p .. ':interaction:' .. case
+  local h = redis.call('HMGET', key, 'head', 'json', 'tags')
+  if not h[3] and (h[1] or h[2]) then
+    local i = cjson.decode(h[1] or h[2])
+    local seen, tags = {}, {}
+    if type(i.tags) == 'table' then
+      for _, t in ipairs(i.tags) do
+        if not seen[t] then seen[t] = true; tags[#tags + 1] = t end
+      end
+    end
+    table.sort(tags)
+    local json = '[]'
+    if #tags > 0 then json = cjson.encode(tags) end
+    local tqkey, takey = p .. ':tags:' .. i.queue, ''
+    if type(i.assigned_to) == 'string' then takey = p .. ':tags-assigned:' .. i.assigned_to end
+    count_tags(tqkey, takey, json, 1)
+    redis.call('HSET', key, 'tqkey', tqkey, 'takey', takey, 'tags', json)
+    counted = counted + 1
+  end
+end
+return counted
 "#;
 
 /// Interactions read per script by [`RedisStore::listed`]: about 2 ms of
@@ -395,6 +449,16 @@ impl Keys {
     fn lists_marker(&self) -> String {
         format!("{}:lists", self.prefix)
     }
+    fn tags(&self, queue: &str) -> String {
+        format!("{}:tags:{queue}", self.prefix)
+    }
+    fn tags_assigned(&self, agent: &str) -> String {
+        format!("{}:tags-assigned:{agent}", self.prefix)
+    }
+    /// Set once every interaction's tags are counted.
+    fn tags_marker(&self) -> String {
+        format!("{}:tags-counted", self.prefix)
+    }
     fn contact_prefix(&self) -> String {
         format!("{}:contact:", self.prefix)
     }
@@ -441,6 +505,7 @@ struct Scripts {
     next_case: Script,
     list_some: Script,
     waiting_sets: Script,
+    tag_counts: Script,
     with_message: Script,
     contact_by_id: Script,
     outbox_lease: Script,
@@ -451,10 +516,11 @@ struct Scripts {
 impl Scripts {
     fn new() -> Scripts {
         Scripts {
-            commit: Script::new(COMMIT_LUA),
+            commit: Script::new(&format!("{COUNT_TAGS_LUA}{COMMIT_LUA}")),
             next_case: Script::new(NEXT_CASE_LUA),
             list_some: Script::new(&format!("{LIST_ONE_LUA}{LIST_SOME_LUA}")),
             waiting_sets: Script::new(WAITING_SETS_LUA),
+            tag_counts: Script::new(&format!("{COUNT_TAGS_LUA}{TAG_COUNTS_LUA}")),
             with_message: Script::new(WITH_MESSAGE_LUA),
             contact_by_id: Script::new(CONTACT_BY_ID_LUA),
             outbox_lease: Script::new(OUTBOX_LEASE_LUA),
@@ -531,6 +597,11 @@ struct InteractionPlan {
     /// The `waiting` sets it is in: empty unless `in_queue`.
     wkey: String,
     wakey: String,
+    /// The tag counts it is counted in (the queue's, the agent's or `''`),
+    /// and its tags as counted: each once, sorted, a JSON array.
+    tqkey: String,
+    takey: String,
+    tags: String,
     /// The message list.
     mkey: String,
     /// Whether the list is written anew (a new interaction, or one whose
@@ -683,18 +754,33 @@ impl RedisStore {
             events,
             _follower: cancel.drop_guard(),
         };
-        store.fill_waiting_sets().await?;
+        store
+            .fill(
+                &store.scripts.waiting_sets,
+                store.keys.lists_marker(),
+                "interactions stored before the waiting sets were put in them",
+            )
+            .await?;
+        store
+            .fill(
+                &store.scripts.tag_counts,
+                store.keys.tags_marker(),
+                "the tags of interactions stored before the tag counts were counted",
+            )
+            .await?;
         Ok(Arc::new(store))
     }
 
-    /// Once per Redis (and key prefix): puts every interaction a gateway
-    /// without the `waiting` sets stored into them, a range of cases per
-    /// script, before this process lists anything. Gateways that start
-    /// together may both do it; placing one is the same either way.
-    async fn fill_waiting_sets(&self) -> anyhow::Result<()> {
+    /// Once per Redis (and key prefix): brings every interaction stored by
+    /// a gateway without an index (the `waiting` sets, the tag counts)
+    /// into it with `script` ([`WAITING_SETS_LUA`], [`TAG_COUNTS_LUA`]), a
+    /// range of cases per script, before this process lists anything, then
+    /// sets `marker`. Gateways that start together may both do it; each
+    /// interaction is brought in once either way.
+    async fn fill(&self, script: &Script, marker: String, what: &str) -> anyhow::Result<()> {
         const CASES_PER_SCRIPT: u64 = 500;
         let mut conn = self.pool.get().await?;
-        let done: Option<String> = conn.get(self.keys.lists_marker()).await?;
+        let done: Option<String> = conn.get(&marker).await?;
         if done.is_some() {
             return Ok(());
         }
@@ -703,9 +789,7 @@ impl RedisStore {
         let mut placed = 0u64;
         while let Some(last) = last.filter(|l| from <= *l) {
             let to = (from + CASES_PER_SCRIPT - 1).min(last);
-            let n: u64 = self
-                .scripts
-                .waiting_sets
+            let n: u64 = script
                 .arg(&self.keys.prefix)
                 .arg(from)
                 .arg(to)
@@ -714,12 +798,9 @@ impl RedisStore {
             placed += n;
             from = to + 1;
         }
-        let _: () = conn.set(self.keys.lists_marker(), "1").await?;
+        let _: () = conn.set(&marker, "1").await?;
         if placed > 0 {
-            tracing::info!(
-                placed,
-                "redis store: interactions stored before the waiting sets were put in them"
-            );
+            tracing::info!(interactions = placed, "redis store: {what}");
         }
         Ok(())
     }
@@ -1055,6 +1136,18 @@ impl Store for RedisStore {
                     (Some(a), true) => k.waiting_assigned(a),
                     _ => String::new(),
                 },
+                tqkey: k.tags(&i.queue),
+                takey: i
+                    .assigned_to
+                    .as_deref()
+                    .map(|a| k.tags_assigned(a))
+                    .unwrap_or_default(),
+                tags: {
+                    let mut tags: Vec<&String> = i.tags.iter().collect();
+                    tags.sort_unstable();
+                    tags.dedup();
+                    json(&tags)
+                },
                 mkey: k.messages(i.case_number),
                 rewrite,
                 stored: stored_len.to_string(),
@@ -1192,6 +1285,24 @@ impl Store for RedisStore {
         agent: Option<&str>,
     ) -> StoreResult<Vec<Listed>> {
         self.listed(queues, agent, true).await
+    }
+
+    async fn tags_for(&self, queues: &[String], agent: Option<&str>) -> StoreResult<Vec<String>> {
+        let mut hashes: Vec<String> = queues.iter().map(|q| self.keys.tags(q)).collect();
+        hashes.extend(agent.map(|a| self.keys.tags_assigned(a)));
+        if hashes.is_empty() {
+            return Ok(vec![]);
+        }
+        let mut pipe = redis::pipe();
+        for h in &hashes {
+            pipe.hkeys(h);
+        }
+        let mut conn = self.conn().await?;
+        let found: Vec<Vec<String>> = pipe.query_async(&mut conn).await.map_err(unavailable)?;
+        let mut tags: Vec<String> = found.into_iter().flatten().collect();
+        tags.sort_unstable();
+        tags.dedup();
+        Ok(tags)
     }
 
     async fn contact(&self, key: &str) -> StoreResult<Option<Contact>> {

@@ -14,7 +14,7 @@
 use crate::domain::interaction::Interaction;
 use std::borrow::Borrow;
 use std::collections::hash_map::RandomState;
-use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::hash::{BuildHasher, Hash};
 
 /// Events per chunk of an [`EventRing`].
@@ -180,12 +180,18 @@ impl<K: Hash + Eq, V> Sharded<K, V> {
 /// default list then reads the work waiting, not every interaction its
 /// queues ever had. Sets of a B-tree, so that a queue's set growing by
 /// one never moves the whole set under the store's lock.
+///
+/// Also the tags in use: per queue and per agent assigned, how many
+/// interactions carry each tag, so that the tags an agent can filter by are
+/// read without reading the queues' history.
 #[derive(Default)]
 pub struct Lists {
     queue: HashMap<String, BTreeSet<u64>>,
     agent: HashMap<String, BTreeSet<u64>>,
     waiting_queue: HashMap<String, BTreeSet<u64>>,
     waiting_agent: HashMap<String, BTreeSet<u64>>,
+    tags_queue: HashMap<String, BTreeMap<String, usize>>,
+    tags_agent: HashMap<String, BTreeMap<String, usize>>,
 }
 
 /// What of an interaction decides the lists it is in.
@@ -213,11 +219,51 @@ fn remove(sets: &mut HashMap<String, BTreeSet<u64>>, key: &str, case: u64) {
     }
 }
 
+/// What of an interaction decides where its tags are counted.
+fn tagging(i: &Interaction) -> (&str, Option<&str>, &[String]) {
+    (&i.queue, i.assigned_to.as_deref(), &i.tags)
+}
+
+/// Counts `i`'s tags (each once) under its queue and its agent, up
+/// (`by` 1) or down (`by` -1; a tag no longer carried is dropped).
+fn count_tags(
+    by_queue: &mut HashMap<String, BTreeMap<String, usize>>,
+    by_agent: &mut HashMap<String, BTreeMap<String, usize>>,
+    i: &Interaction,
+    up: bool,
+) {
+    let mut tags: Vec<&String> = i.tags.iter().collect();
+    tags.sort_unstable();
+    tags.dedup();
+    let mut counts = vec![by_queue.entry(i.queue.clone()).or_default()];
+    if let Some(a) = &i.assigned_to {
+        counts.push(by_agent.entry(a.clone()).or_default());
+    }
+    for counts in counts {
+        for tag in &tags {
+            if up {
+                *counts.entry((*tag).clone()).or_default() += 1;
+            } else if let Some(n) = counts.get_mut(*tag) {
+                *n -= 1;
+                if *n == 0 {
+                    counts.remove(*tag);
+                }
+            }
+        }
+    }
+}
+
 impl Lists {
     /// Moves interaction `new` out of the lists `old` (its stored version,
-    /// if any) was in and into its own. Most changes (a message) move
-    /// nothing.
+    /// if any) was in and into its own, and its tags with it. Most changes
+    /// (a message) move nothing.
     pub fn place(&mut self, old: Option<&Interaction>, new: &Interaction) {
+        if old.map(tagging) != Some(tagging(new)) {
+            if let Some(old) = old {
+                count_tags(&mut self.tags_queue, &mut self.tags_agent, old, false);
+            }
+            count_tags(&mut self.tags_queue, &mut self.tags_agent, new, true);
+        }
         let case = new.case_number;
         let to = placement(new);
         if let Some(old) = old {
@@ -247,6 +293,20 @@ impl Lists {
                 add(&mut self.waiting_agent, a, case);
             }
         }
+    }
+
+    /// The tags carried by an interaction in any of `queues` or assigned
+    /// to `agent`, each once, sorted.
+    pub fn tags(&self, queues: &[String], agent: Option<&str>) -> Vec<String> {
+        let mut counts: Vec<&BTreeMap<String, usize>> = queues
+            .iter()
+            .filter_map(|q| self.tags_queue.get(q))
+            .collect();
+        counts.extend(agent.and_then(|a| self.tags_agent.get(a)));
+        let mut tags: Vec<String> = counts.iter().flat_map(|c| c.keys().cloned()).collect();
+        tags.sort_unstable();
+        tags.dedup();
+        tags
     }
 
     /// The cases in any of `queues` or assigned to `agent`, each once,

@@ -952,6 +952,10 @@ impl Store for EmbeddedStore {
         Ok(self.listed(queues, agent, true))
     }
 
+    async fn tags_for(&self, queues: &[String], agent: Option<&str>) -> StoreResult<Vec<String>> {
+        Ok(self.state.lock().lists.tags(queues, agent))
+    }
+
     async fn contact(&self, key: &str) -> StoreResult<Option<Contact>> {
         Ok(self.state.lock().contacts.get(key).cloned())
     }
@@ -1497,18 +1501,20 @@ mod tests {
         );
     }
 
-    /// The lists' indexes live in the mirror only: a restart builds them
-    /// again from what it reads, so a list after it shows what one before
-    /// it did.
+    /// The lists' indexes (and the tag counts) live in the mirror only: a
+    /// restart builds them again from what it reads, so a list after it
+    /// shows what one before it did.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn lists_are_the_same_after_a_restart() {
         let dir = tempfile::tempdir().unwrap();
         let store = EmbeddedStore::open(dir.path(), Duration::from_secs(3600)).unwrap();
         let mut waiting = case_1001();
         waiting.assigned_to = Some("bob".into());
+        waiting.tags = vec!["vip".into()];
         let mut left = case_1001();
         left.case_number = 1002;
         left.in_queue = false;
+        left.tags = vec!["billing".into()];
         store.commit(commit(waiting)).await.unwrap();
         store.commit(commit(left)).await.unwrap();
         async fn check(store: &EmbeddedStore) {
@@ -1530,6 +1536,11 @@ mod tests {
                 cases(store.interactions_for(&support, None).await.unwrap()),
                 [1001, 1002]
             );
+            assert_eq!(
+                store.tags_for(&support, None).await.unwrap(),
+                ["billing", "vip"]
+            );
+            assert_eq!(store.tags_for(&[], Some("bob")).await.unwrap(), ["vip"]);
         }
         check(&store).await;
         drop(store);
