@@ -222,9 +222,8 @@
   }
 
   // ---------- the Digital list ----------
-  // The tags in use are read from every interaction of the agent's queues,
-  // so they are fetched again only when an event may have changed them (or
-  // a minute has passed), not on every refresh.
+  // The tags in use are fetched again only when an event may have changed
+  // them (or a minute has passed), not on every refresh.
   const TAGS_EVERY_MS = 60000;
   async function refresh() {
     const p = new URLSearchParams();

@@ -546,7 +546,9 @@ test("two agents work the digital inbox", async (t) => {
       // Formatted: the bold text, the link (new tab, no referrer) and the inline image from the gateway.
       const bold = body.locator("b", { hasText: `Bold words ${stamp}` });
       await bold.waitFor();
-      assert.ok(Number(await bold.evaluate((el) => getComputedStyle(el).fontWeight)) >= 700, "bold is bold");
+      // Opening it marks it read, and the thread is drawn again when that
+      // event comes back: ask again until the style is the drawn one's.
+      await eventually("bold to be bold", async () => Number(await bold.evaluate((el) => getComputedStyle(el).fontWeight)) >= 700);
       const link = body.getByRole("link", { name: "your order" });
       assert.equal(await link.getAttribute("href"), `https://example.com/orders?id=${stamp}`);
       assert.equal(await link.getAttribute("target"), "_blank");
