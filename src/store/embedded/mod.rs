@@ -36,9 +36,10 @@ use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::sync::{broadcast, mpsc, oneshot};
+use tokio::sync::{broadcast, mpsc};
 use wal::{Op, Wal};
 
+mod durability;
 mod mirror;
 mod wal;
 
@@ -74,7 +75,8 @@ const CHECKPOINT_EVERY: Duration = Duration::from_secs(1);
 struct WriteRequest {
     ops: Vec<Op>,
     events: Vec<Event>,
-    done: oneshot::Sender<Result<(), String>>,
+    /// Its number ([`durability::Durability::next`]).
+    seq: u64,
 }
 
 #[derive(Default)]
@@ -131,6 +133,8 @@ pub struct EmbeddedStore {
     #[cfg(test)]
     fail_writes: Arc<AtomicBool>,
     writer: mpsc::UnboundedSender<WriteRequest>,
+    /// Where the requests wait for the writer.
+    durability: Arc<durability::Durability>,
     events: broadcast::Sender<Event>,
     retention: chrono::Duration,
 }
@@ -213,9 +217,21 @@ impl EmbeddedStore {
         let writer_events = events.clone();
         let broken = Arc::new(AtomicBool::new(false));
         let writer_broken = broken.clone();
+        let durability = Arc::new(durability::Durability::default());
+        let writer_durability = durability.clone();
         std::thread::Builder::new()
             .name("embedded-writer".into())
-            .spawn(move || writer_loop(writer_db, log, rx, ck_tx, writer_events, writer_broken))?;
+            .spawn(move || {
+                writer_loop(
+                    writer_db,
+                    log,
+                    rx,
+                    ck_tx,
+                    writer_events,
+                    writer_broken,
+                    writer_durability,
+                )
+            })?;
         Ok(Arc::new(EmbeddedStore {
             db,
             blobs: Arc::new(blobs),
@@ -224,6 +240,7 @@ impl EmbeddedStore {
             #[cfg(test)]
             fail_writes,
             writer: tx,
+            durability,
             events,
             retention: chrono::Duration::from_std(retention)?,
         }))
@@ -285,23 +302,20 @@ impl EmbeddedStore {
     }
 
     fn queue(&self, ops: Vec<Op>, events: Vec<Event>) -> StoreResult<Durable> {
-        let (done, wait) = oneshot::channel();
+        let seq = self.durability.next();
         self.writer
-            .send(WriteRequest { ops, events, done })
+            .send(WriteRequest { ops, events, seq })
             .map_err(|_| unavailable("the writer has stopped"))?;
-        Ok(Durable(wait))
+        Ok(Durable(self.durability.wait(seq)))
     }
 }
 
 /// A queued write, until the log has made it durable.
-struct Durable(oneshot::Receiver<Result<(), String>>);
+struct Durable(durability::Wait);
 
 impl Durable {
     async fn wait(self) -> StoreResult<()> {
-        self.0
-            .await
-            .map_err(|_| unavailable("the writer has stopped"))?
-            .map_err(unavailable)
+        self.0.await.map_err(unavailable)
     }
 }
 
@@ -521,7 +535,17 @@ fn writer_loop(
     checkpointer: std::sync::mpsc::Sender<wal::ToCheckpointer>,
     events: broadcast::Sender<Event>,
     broken: Arc<AtomicBool>,
+    durability: Arc<durability::Durability>,
 ) {
+    // However this loop ends (a panic included), no request is left waiting
+    // for it.
+    struct Stopped(Arc<durability::Durability>);
+    impl Drop for Stopped {
+        fn drop(&mut self) {
+            self.0.failed(1, "the writer has stopped".into());
+        }
+    }
+    let _stopped = Stopped(durability.clone());
     let mut handoff = Handoff {
         to: checkpointer,
         ops: vec![],
@@ -568,17 +592,22 @@ fn writer_loop(
                 Err(e.to_string())
             }
         };
-        for req in batch {
-            if result.is_ok() {
-                for e in req.events {
-                    let _ = events.send(e);
+        let (first, last) = (batch[0].seq, batch[batch.len() - 1].seq);
+        match result {
+            Ok(()) => {
+                for req in batch {
+                    for e in req.events {
+                        let _ = events.send(e);
+                    }
                 }
+                durability.done(last);
             }
-            let _ = req.done.send(result.clone());
-        }
-        if result.is_err() {
-            // Fail-stop: a later frame must never be durable without this one.
-            break;
+            Err(why) => {
+                // Fail-stop: a later frame must never be durable without
+                // this one, so every write from this group on fails.
+                durability.failed(first, why);
+                break;
+            }
         }
         handoff.add(ops);
         if log.age() >= CHECKPOINT_EVERY {
