@@ -2111,6 +2111,28 @@ async fn redis_a_message_list_changed_since_it_was_read_is_a_conflict() {
     );
 }
 
+/// Writes `i` as a gateway from before the header-plus-list layout did:
+/// the whole document in field `json`, in its queue's and agent's sets, and
+/// nothing else. The key (and its message list) must be deleted first.
+async fn store_whole_as_an_older_gateway(
+    conn: &mut redis::aio::MultiplexedConnection,
+    p: &str,
+    i: &Interaction,
+) {
+    let mut cmd = redis::cmd("HSET");
+    cmd.arg(format!("{p}:interaction:{}", i.case_number))
+        .arg("v")
+        .arg(i.version)
+        .arg("json")
+        .arg(serde_json::to_string(i).unwrap())
+        .arg("qkey")
+        .arg(format!("{p}:queue:{}", i.queue));
+    if let Some(a) = &i.assigned_to {
+        cmd.arg("akey").arg(format!("{p}:assigned:{a}"));
+    }
+    let _: () = cmd.query_async(conn).await.unwrap();
+}
+
 /// Interactions stored before the `waiting` sets existed (no `wkey` in
 /// their hash, no sets, no `{p}:lists`) are put in them when a gateway
 /// connects, by their stored state: one waiting, one an older gateway
@@ -2153,19 +2175,7 @@ async fn redis_interactions_stored_before_the_waiting_sets_are_put_in_them() {
         .query_async(&mut conn)
         .await
         .unwrap();
-    let _: () = redis::cmd("HSET")
-        .arg(format!("{p}:interaction:{}", assigned.case_number))
-        .arg("v")
-        .arg(assigned.version)
-        .arg("json")
-        .arg(serde_json::to_string(&assigned).unwrap())
-        .arg("qkey")
-        .arg(format!("{p}:queue:support"))
-        .arg("akey")
-        .arg(format!("{p}:assigned:bob"))
-        .query_async(&mut conn)
-        .await
-        .unwrap();
+    store_whole_as_an_older_gateway(&mut conn, p, &assigned).await;
 
     let store: DynStore = RedisStore::connect(&redis_url(), p, RETENTION)
         .await
@@ -2234,19 +2244,7 @@ async fn redis_the_tags_of_interactions_stored_before_the_tag_counts_are_counted
         .query_async(&mut conn)
         .await
         .unwrap();
-    let _: () = redis::cmd("HSET")
-        .arg(format!("{p}:interaction:{}", assigned.case_number))
-        .arg("v")
-        .arg(assigned.version)
-        .arg("json")
-        .arg(serde_json::to_string(&assigned).unwrap())
-        .arg("qkey")
-        .arg(format!("{p}:queue:support"))
-        .arg("akey")
-        .arg(format!("{p}:assigned:bob"))
-        .query_async(&mut conn)
-        .await
-        .unwrap();
+    store_whole_as_an_older_gateway(&mut conn, p, &assigned).await;
 
     let store: DynStore = RedisStore::connect(&redis_url(), p, RETENTION)
         .await
