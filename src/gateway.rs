@@ -1831,10 +1831,7 @@ impl Gateway {
             }
             queues = vec![only.clone()];
         }
-        let agent = match actor {
-            Actor::Agent(a) => Some(a.as_str()),
-            Actor::Service(_) => None,
-        };
+        let agent = actor.agent();
         // The store gives a superset of the view, from the index that fits
         // it best; the rules below decide.
         let candidates = match q.view.as_str() {
@@ -2055,10 +2052,7 @@ impl Gateway {
     /// their queues and those assigned to them (what `view=all` lists).
     pub async fn tags(&self, actor: &Actor) -> GResult<Vec<String>> {
         let queues = self.visible_queues(actor);
-        let agent = match actor {
-            Actor::Agent(a) => Some(a.as_str()),
-            Actor::Service(_) => None,
-        };
+        let agent = actor.agent();
         Ok(self.store.tags_for(&queues, agent).await?)
     }
 
@@ -2068,17 +2062,17 @@ impl Gateway {
     /// It reads only what waits, as the default list does: what an agent
     /// was assigned and has finished is not read.
     pub async fn unread(&self, actor: &Actor) -> GResult<Unread> {
-        let Actor::Agent(agent) = actor else {
+        let Some(agent) = actor.agent() else {
             return Ok(Unread::default());
         };
         let queues = self.visible_queues(actor);
         let mut unread = Unread::default();
         for Listed { interaction: i, .. } in self.store.waiting_for(&queues, Some(agent)).await? {
-            if !in_view("queue", Some(agent.as_str()), &queues, &i) || !i.unread_for(agent) {
+            if !in_view("queue", Some(agent), &queues, &i) || !i.unread_for(agent) {
                 continue;
             }
             unread.count += 1;
-            if i.assigned_to.as_deref() == Some(agent.as_str()) {
+            if i.assigned_to.as_deref() == Some(agent) {
                 unread.mine.push(i.case_number);
             }
         }

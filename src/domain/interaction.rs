@@ -460,6 +460,14 @@ impl Actor {
             Actor::Agent(a) | Actor::Service(a) => a,
         }
     }
+
+    /// The agent's ID; `None` for a service.
+    pub fn agent(&self) -> Option<&str> {
+        match self {
+            Actor::Agent(a) => Some(a),
+            Actor::Service(_) => None,
+        }
+    }
 }
 
 pub struct NewInteraction {

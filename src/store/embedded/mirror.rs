@@ -224,8 +224,8 @@ fn tagging(i: &Interaction) -> (&str, Option<&str>, &[String]) {
     (&i.queue, i.assigned_to.as_deref(), &i.tags)
 }
 
-/// Counts `i`'s tags (each once) under its queue and its agent, up
-/// (`by` 1) or down (`by` -1; a tag no longer carried is dropped).
+/// Counts `i`'s tags (each once) under its queue and its agent, up or
+/// down (a tag no longer carried is dropped).
 fn count_tags(
     by_queue: &mut HashMap<String, BTreeMap<String, usize>>,
     by_agent: &mut HashMap<String, BTreeMap<String, usize>>,
