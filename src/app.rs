@@ -273,7 +273,11 @@ impl Application {
                 .app_data(state.clone())
                 .app_data(web::PayloadConfig::new(2 * 1024 * 1024))
                 .wrap(tracing_actix())
-                .configure(http::configure)
+                .configure(|cfg| {
+                    let ids: Vec<&str> =
+                        state.gateway.channels.keys().map(String::as_str).collect();
+                    http::configure(cfg, &ids)
+                })
                 .default_service(web::to(http::no_route));
             if demo {
                 let app = match &sink_log {

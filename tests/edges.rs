@@ -25,6 +25,36 @@ async fn unknown_channel_is_404() {
     assert!(v["title"].is_string() && v["detail"].is_string() && v["type"].is_string());
 }
 
+/// A configured channel has a webhook route of its own (matched without a
+/// regex); the route with a parameter takes every other path under
+/// `/webhooks/`, and both answer a method they do not take alike.
+#[tokio::test]
+async fn a_channels_own_route_and_the_route_with_a_parameter_answer_alike() {
+    let app = TestApp::start(Backend::Embedded).await;
+    let id = app.sms_channel().id.clone();
+    assert_eq!(id, "sms-main");
+    // A method the webhook routes do not take: 405 on both.
+    for p in ["/webhooks/sms-main", "/webhooks/nope"] {
+        let r = app
+            .http
+            .put(format!("{}{p}", app.url))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status().as_u16(), 405, "{p}");
+    }
+    let req = switchboard::adapters::sms::simulate_inbound(
+        &app.sms_channel(),
+        &app.url,
+        "+14158675309",
+        "hello",
+        "SMown",
+    );
+    // Through its own route, the same webhook is taken.
+    let (s, _) = app.post_simulated(req).await;
+    assert_eq!(s, 200);
+}
+
 /// A body over `server.max_webhook_bytes` is refused before it is read in full.
 #[tokio::test]
 async fn an_oversize_webhook_is_413_and_stores_nothing() {

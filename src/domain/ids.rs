@@ -72,13 +72,57 @@ pub struct PhoneNumber(String);
 #[error("not a valid phone number in international form: {0}")]
 pub struct InvalidPhoneNumber(pub String);
 
-/// Numbers seen recently, as written → their E.164 form (`None`: invalid).
+/// Numbers seen recently, as written → what they are (see [`Known`]).
 /// libphonenumber's metadata regexes cost tens of microseconds a number, and
 /// the same customers write again and again, so every webhook after a
 /// number's first pays a hash lookup instead. Bounded, so it cannot grow
 /// without limit whatever is sent.
-static PHONE_CACHE: std::sync::LazyLock<quick_cache::sync::Cache<String, Option<String>>> =
+static PHONE_CACHE: std::sync::LazyLock<quick_cache::sync::Cache<String, Known>> =
     std::sync::LazyLock::new(|| quick_cache::sync::Cache::new(100_000));
+
+/// One number as written, parsed once for both ways of taking it.
+#[derive(Clone)]
+struct Known {
+    /// Its E.164 form, if a provider's number would be taken
+    /// ([`PhoneNumber::from_provider`]).
+    e164: Option<String>,
+    /// Whether the metadata knows it as valid ([`PhoneNumber::parse`]);
+    /// `None` until something asks. The check runs the number against the
+    /// patterns of every region that shares its country code (two dozen
+    /// for +1), which a provider's number, taken on its digits, does not
+    /// need: it doubled the cost of a new customer's first webhook.
+    valid: Option<bool>,
+}
+
+impl Known {
+    /// Looks `trimmed` (which starts with `+`) up, parsing it on first
+    /// sight, or again if `validity` is wanted and not known yet.
+    fn of(trimmed: &str, validity: bool) -> Known {
+        if let Some(known) = PHONE_CACHE.get(trimmed) {
+            if !validity || known.valid.is_some() {
+                return known;
+            }
+        }
+        std::sync::LazyLock::force(&METADATA);
+        let known = match phonenumber::parse(None, trimmed) {
+            Err(_) => Known {
+                e164: None,
+                valid: Some(false),
+            },
+            Ok(p) => {
+                let e164 = p.format().mode(phonenumber::Mode::E164).to_string();
+                let in_range = (7..=15).contains(&(e164.len() - 1));
+                let valid = (validity || !in_range).then(|| phonenumber::is_valid(&p));
+                Known {
+                    e164: (in_range || valid == Some(true)).then_some(e164),
+                    valid,
+                }
+            }
+        };
+        PHONE_CACHE.insert(trimmed.to_string(), known.clone());
+        known
+    }
+}
 
 /// How many compiled patterns libphonenumber keeps. Its own default, 100,
 /// holds about 25 countries' (40 countries used 164): past that, every new
@@ -101,20 +145,13 @@ impl PhoneNumber {
         if !trimmed.starts_with('+') {
             return Err(InvalidPhoneNumber(raw.to_string()));
         }
-        let e164 = match PHONE_CACHE.get(trimmed) {
-            Some(known) => known,
-            None => {
-                std::sync::LazyLock::force(&METADATA);
-                let e164 = phonenumber::parse(None, trimmed)
-                    .ok()
-                    .filter(phonenumber::is_valid)
-                    .map(|p| p.format().mode(phonenumber::Mode::E164).to_string());
-                PHONE_CACHE.insert(trimmed.to_string(), e164.clone());
-                e164
-            }
-        };
-        e164.map(PhoneNumber)
-            .ok_or_else(|| InvalidPhoneNumber(raw.to_string()))
+        match Known::of(trimmed, true) {
+            Known {
+                e164: Some(e164),
+                valid: Some(true),
+            } => Ok(PhoneNumber(e164)),
+            _ => Err(InvalidPhoneNumber(raw.to_string())),
+        }
     }
 
     /// A sender's number as a provider reports it, once the provider has
@@ -123,25 +160,17 @@ impl PhoneNumber {
     /// know (a range allocated after the metadata was published, a test
     /// number) is still taken, in E.164 form, when its country code exists and
     /// it has 7 to 15 digits: refusing it would lose a real customer's
-    /// message. Numbers an agent types are checked with `parse`.
+    /// message. Numbers an agent types are checked with `parse`. Both answers
+    /// come from one cached parse: such a number writes as often as any other.
     pub fn from_provider(raw: &str) -> Result<PhoneNumber, InvalidPhoneNumber> {
-        if let Ok(p) = PhoneNumber::parse(raw) {
-            return Ok(p);
-        }
-        let invalid = || InvalidPhoneNumber(raw.to_string());
         let trimmed = raw.trim();
         if !trimmed.starts_with('+') {
-            return Err(invalid());
+            return Err(InvalidPhoneNumber(raw.to_string()));
         }
-        std::sync::LazyLock::force(&METADATA);
-        let parsed = phonenumber::parse(None, trimmed).map_err(|_| invalid())?;
-        let e164 = parsed.format().mode(phonenumber::Mode::E164).to_string();
-        let digits = e164.len() - 1;
-        if (7..=15).contains(&digits) {
-            Ok(PhoneNumber(e164))
-        } else {
-            Err(invalid())
-        }
+        Known::of(trimmed, false)
+            .e164
+            .map(PhoneNumber)
+            .ok_or_else(|| InvalidPhoneNumber(raw.to_string()))
     }
 
     pub fn as_str(&self) -> &str {
@@ -361,6 +390,27 @@ mod tests {
         // ... but a message from it is kept, under its E.164 form.
         let id = DigitalId::from_provider(ChannelKind::Sms, "+1 555 123 4567").unwrap();
         assert_eq!(id.as_str(), "+15551234567");
+        // Taken first from a provider, then typed: the number is kept with
+        // its E.164 form, its validity checked only once something asks,
+        // and each way of taking it gets its own answer from the cache.
+        let first = PhoneNumber::from_provider("+1 555 987 6543").unwrap();
+        assert_eq!(first.as_str(), "+15559876543");
+        let cached = PHONE_CACHE.get("+1 555 987 6543").expect("kept");
+        assert_eq!(
+            (cached.e164.as_deref(), cached.valid),
+            (Some("+15559876543"), None)
+        );
+        assert!(PhoneNumber::parse("+1 555 987 6543").is_err());
+        let cached = PHONE_CACHE.get("+1 555 987 6543").expect("kept");
+        assert_eq!(
+            (cached.e164.as_deref(), cached.valid),
+            (Some("+15559876543"), Some(false))
+        );
+        assert_eq!(
+            PhoneNumber::from_provider(" +1 555 987 6543").unwrap(),
+            first
+        );
+        assert!(PhoneNumber::parse("+1 555 987 6543").is_err());
         // Valid numbers come out as `parse` gives them.
         assert_eq!(
             DigitalId::from_provider(ChannelKind::Sms, "+1 (415) 867-5309")

@@ -87,8 +87,10 @@ routes! {
     "get" "/openapi.json" "none" "This API's description";
 }
 
-pub fn configure(cfg: &mut web::ServiceConfig) {
-    webhooks::configure(cfg);
+/// Every route; `channel_ids` are the configured channels' (see
+/// [`webhooks::configure`]).
+pub fn configure(cfg: &mut web::ServiceConfig, channel_ids: &[&str]) {
+    webhooks::configure(cfg, channel_ids);
     agents::configure(cfg);
     ops::configure(cfg);
     chat::configure(cfg);
