@@ -225,30 +225,51 @@ fn tagging(i: &Interaction) -> (&str, Option<&str>, &[String]) {
 }
 
 /// Counts `i`'s tags (each once) under its queue and its agent, up or
-/// down (a tag no longer carried is dropped).
+/// down (a tag no longer carried is dropped, and so is a queue's or
+/// agent's map once it counts nothing).
 fn count_tags(
     by_queue: &mut HashMap<String, BTreeMap<String, usize>>,
     by_agent: &mut HashMap<String, BTreeMap<String, usize>>,
     i: &Interaction,
     up: bool,
 ) {
+    if i.tags.is_empty() {
+        return;
+    }
     let mut tags: Vec<&String> = i.tags.iter().collect();
     tags.sort_unstable();
     tags.dedup();
-    let mut counts = vec![by_queue.entry(i.queue.clone()).or_default()];
+    count_under(by_queue, &i.queue, &tags, up);
     if let Some(a) = &i.assigned_to {
-        counts.push(by_agent.entry(a.clone()).or_default());
+        count_under(by_agent, a, &tags, up);
     }
-    for counts in counts {
-        for tag in &tags {
-            if up {
-                *counts.entry((*tag).clone()).or_default() += 1;
-            } else if let Some(n) = counts.get_mut(*tag) {
+}
+
+fn count_under(
+    maps: &mut HashMap<String, BTreeMap<String, usize>>,
+    owner: &str,
+    tags: &[&String],
+    up: bool,
+) {
+    if up {
+        if !maps.contains_key(owner) {
+            maps.insert(owner.to_owned(), BTreeMap::new());
+        }
+        let counts = maps.get_mut(owner).expect("just made");
+        for tag in tags {
+            *counts.entry((*tag).clone()).or_default() += 1;
+        }
+    } else if let Some(counts) = maps.get_mut(owner) {
+        for tag in tags {
+            if let Some(n) = counts.get_mut(*tag) {
                 *n -= 1;
                 if *n == 0 {
                     counts.remove(*tag);
                 }
             }
+        }
+        if counts.is_empty() {
+            maps.remove(owner);
         }
     }
 }
@@ -335,6 +356,41 @@ impl Lists {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Tags are counted under the queue and the agent while carried; once
+    /// none is, neither keeps a map, and untagged interactions make none.
+    #[test]
+    fn tag_counts_follow_the_tags_and_leave_no_empty_maps() {
+        let plain = Interaction::new(crate::domain::NewInteraction {
+            case_number: 1001,
+            channel_id: "sms-main".into(),
+            channel_kind: crate::domain::ChannelKind::Sms,
+            digital_id: "+15551230000".into(),
+            contact_id: "c1".into(),
+            contact_name: None,
+            queue: "support".into(),
+            now: chrono::Utc::now(),
+        });
+        let mut lists = Lists::default();
+        lists.place(None, &plain);
+        assert!(lists.tags_queue.is_empty() && lists.tags_agent.is_empty());
+        let mut tagged = plain.clone();
+        tagged.tags = vec!["vip".into(), "billing".into(), "vip".into()];
+        tagged.assigned_to = Some("anne".into());
+        lists.place(Some(&plain), &tagged);
+        let support = vec!["support".to_string()];
+        assert_eq!(lists.tags(&support, None), ["billing", "vip"]);
+        assert_eq!(lists.tags(&[], Some("anne")), ["billing", "vip"]);
+        let mut fewer = tagged.clone();
+        fewer.tags = vec!["vip".into()];
+        lists.place(Some(&tagged), &fewer);
+        assert_eq!(lists.tags(&support, Some("anne")), ["vip"]);
+        let mut none = fewer.clone();
+        none.tags.clear();
+        lists.place(Some(&fewer), &none);
+        assert!(lists.tags(&support, Some("anne")).is_empty());
+        assert!(lists.tags_queue.is_empty() && lists.tags_agent.is_empty());
+    }
 
     /// Against a plain `VecDeque` through pushes and pops that cross chunk
     /// boundaries, the ring holds the same items in the same order, and
