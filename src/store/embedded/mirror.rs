@@ -12,6 +12,7 @@
 //! conversation) in many small maps, each of which grows on its own.
 
 use crate::domain::interaction::Interaction;
+use hashbrown::hash_table::{Entry, HashTable};
 use std::borrow::Borrow;
 use std::collections::hash_map::RandomState;
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
@@ -120,26 +121,35 @@ impl<T> Ring<T> {
 /// one of them doubling moves that much.
 const SHARDS: usize = 256;
 
-/// A map spread over [`SHARDS`] maps by the key's hash.
+/// A map spread over [`SHARDS`] maps by the key's hash. The hash is worked
+/// out once per lookup and serves both the choice of shard and the lookup
+/// in it (a `HashMap` per shard hashed every key twice).
 pub struct Sharded<K, V> {
     pick: RandomState,
-    shards: Box<[HashMap<K, V>]>,
+    shards: Box<[HashTable<(K, V)>]>,
 }
 
 impl<K, V> Default for Sharded<K, V> {
     fn default() -> Sharded<K, V> {
         Sharded {
             pick: RandomState::new(),
-            shards: (0..SHARDS).map(|_| HashMap::new()).collect(),
+            shards: (0..SHARDS).map(|_| HashTable::new()).collect(),
         }
     }
 }
 
+/// The shard of a hash: bits a shard's table does not use (it takes the
+/// low bits for the slot and the top seven for its tag), so that the keys
+/// of one shard still spread over its slots and tags.
+fn shard_of(hash: u64) -> usize {
+    ((hash >> 32) as usize) % SHARDS
+}
+
 impl<K: Hash + Eq, V> Sharded<K, V> {
-    /// The shard of a key: the same for `K` and what it borrows as, since
-    /// both hash alike (the contract of [`Borrow`]).
-    fn shard<Q: Hash + ?Sized>(&self, key: &Q) -> usize {
-        (self.pick.hash_one(key) as usize) % SHARDS
+    /// A key's hash: the same for `K` and what it borrows as, since both
+    /// hash alike (the contract of [`Borrow`]).
+    fn hash<Q: Hash + ?Sized>(&self, key: &Q) -> u64 {
+        self.pick.hash_one(key)
     }
 
     pub fn get<Q>(&self, key: &Q) -> Option<&V>
@@ -147,7 +157,10 @@ impl<K: Hash + Eq, V> Sharded<K, V> {
         K: Borrow<Q>,
         Q: Hash + Eq + ?Sized,
     {
-        self.shards[self.shard(key)].get(key)
+        let h = self.hash(key);
+        self.shards[shard_of(h)]
+            .find(h, |(k, _)| k.borrow() == key)
+            .map(|(_, v)| v)
     }
 
     pub fn get_mut<Q>(&mut self, key: &Q) -> Option<&mut V>
@@ -155,23 +168,32 @@ impl<K: Hash + Eq, V> Sharded<K, V> {
         K: Borrow<Q>,
         Q: Hash + Eq + ?Sized,
     {
-        let s = self.shard(key);
-        self.shards[s].get_mut(key)
+        let h = self.hash(key);
+        self.shards[shard_of(h)]
+            .find_mut(h, |(k, _)| k.borrow() == key)
+            .map(|(_, v)| v)
     }
 
     pub fn insert(&mut self, key: K, value: V) -> Option<V> {
-        let s = self.shard(&key);
-        self.shards[s].insert(key, value)
+        let h = self.hash(&key);
+        let pick = &self.pick;
+        match self.shards[shard_of(h)].entry(h, |(k, _)| *k == key, |(k, _)| pick.hash_one(k)) {
+            Entry::Occupied(mut e) => Some(std::mem::replace(&mut e.get_mut().1, value)),
+            Entry::Vacant(e) => {
+                e.insert((key, value));
+                None
+            }
+        }
     }
 
     /// Every value, in no particular order.
     pub fn values(&self) -> impl Iterator<Item = &V> {
-        self.shards.iter().flat_map(HashMap::values)
+        self.shards.iter().flat_map(|t| t.iter().map(|(_, v)| v))
     }
 
     #[cfg(test)]
     pub fn len(&self) -> usize {
-        self.shards.iter().map(HashMap::len).sum()
+        self.shards.iter().map(HashTable::len).sum()
     }
 }
 
@@ -467,7 +489,7 @@ mod tests {
         assert_eq!(&all[..3], [0, 1, 2]);
         assert_eq!(all[9_999], 9_999);
         // Spread out: no shard holds more than twice its share.
-        let most = map.shards.iter().map(HashMap::len).max().unwrap();
+        let most = map.shards.iter().map(HashTable::len).max().unwrap();
         assert!(most < 2 * 10_000 / SHARDS, "{most}");
     }
 
@@ -481,7 +503,7 @@ mod tests {
         assert_eq!(map.len(), 10_000);
         assert_eq!(map.get(&1001), Some(&1001));
         assert_eq!(map.get(&11_001), None);
-        let most = map.shards.iter().map(HashMap::len).max().unwrap();
+        let most = map.shards.iter().map(HashTable::len).max().unwrap();
         assert!(most < 2 * 10_000 / SHARDS, "{most}");
     }
 }
