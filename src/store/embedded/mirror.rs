@@ -383,16 +383,7 @@ mod tests {
     /// none is, neither keeps a map, and untagged interactions make none.
     #[test]
     fn tag_counts_follow_the_tags_and_leave_no_empty_maps() {
-        let plain = Interaction::new(crate::domain::NewInteraction {
-            case_number: 1001,
-            channel_id: "sms-main".into(),
-            channel_kind: crate::domain::ChannelKind::Sms,
-            digital_id: "+15551230000".into(),
-            contact_id: "c1".into(),
-            contact_name: None,
-            queue: "support".into(),
-            now: chrono::Utc::now(),
-        });
+        let plain = crate::store::embedded::tests::case_1001();
         let mut lists = Lists::default();
         lists.place(None, &plain);
         assert!(lists.tags_queue.is_empty() && lists.tags_agent.is_empty());

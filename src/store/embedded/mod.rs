@@ -1264,7 +1264,7 @@ mod tests {
     }
 
     /// A new SMS interaction, case 1001, without messages.
-    fn case_1001() -> Interaction {
+    pub(super) fn case_1001() -> Interaction {
         Interaction::new(crate::domain::NewInteraction {
             case_number: 1001,
             channel_id: "sms-main".into(),
