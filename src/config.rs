@@ -209,6 +209,15 @@ pub enum ConfigError {
     Invalid(Vec<String>),
 }
 
+/// Whether `id` is a usable channel ID: letters, digits, `-` and `_`, so
+/// that it can stand in a URL path (`/webhooks/{id}`) as it is.
+pub fn is_channel_id(id: &str) -> bool {
+    !id.is_empty()
+        && id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+}
+
 /// Turns an id into the form environment overrides use for it.
 pub fn env_id(id: &str) -> String {
     id.to_uppercase().replace('-', "_")
@@ -394,12 +403,7 @@ impl Settings {
             if !seen.insert(("channel", c.id.clone())) {
                 p.push(format!("channel {}: id used twice", c.id));
             }
-            if c.id.is_empty()
-                || !c
-                    .id
-                    .chars()
-                    .all(|ch| ch.is_ascii_alphanumeric() || ch == '-' || ch == '_')
-            {
+            if !is_channel_id(&c.id) {
                 p.push(format!(
                     "channel {}: id: use letters, digits, - and _",
                     c.id
@@ -442,6 +446,18 @@ impl Settings {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The check that both the configuration and the webhook routes use:
+    /// an ID that would not stand in a URL path as it is is refused.
+    #[test]
+    fn channel_ids_are_letters_digits_dashes_and_underscores() {
+        for good in ["sms-main", "wa_2", "X"] {
+            assert!(is_channel_id(good), "{good}");
+        }
+        for bad in ["", "sms main", "sms/main", "{id}", "sms.main", "ñ"] {
+            assert!(!is_channel_id(bad), "{bad:?}");
+        }
+    }
 
     const DOC: &str = r#"
 [[queues]]

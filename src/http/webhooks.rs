@@ -13,12 +13,10 @@ use futures_util::StreamExt;
 /// a webhook's CPU.
 pub fn configure(cfg: &mut web::ServiceConfig, channel_ids: &[&str]) {
     for id in channel_ids {
-        // Ids are checked when the configuration is read; one the router
-        // would take for a pattern is left to the route with a parameter.
-        if id
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
-        {
+        // Ids are checked when the configuration is read (the same check);
+        // one the router would take for a pattern is left to the route with
+        // a parameter.
+        if crate::config::is_channel_id(id) {
             cfg.service(
                 web::resource(format!("{PREFIX}{id}"))
                     .route(web::get().to(handshake))
