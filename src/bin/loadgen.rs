@@ -5,7 +5,8 @@
 //!
 //! * `--mode healthz`: `GET /healthz`, the baseline.
 //! * `--mode sms`: signed Twilio webhooks `POST /webhooks/{channel}`, each with
-//!   a distinct `MessageSid`, from a few thousand distinct senders. They are
+//!   a distinct, random `MessageSid` (as Twilio's), from a few thousand
+//!   distinct senders. They are
 //!   built and signed before the clock starts (`simulate_inbound`), so signing
 //!   is not in the measured path. With `--same-sid` every copy is the same
 //!   webhook (a provider's retry), which stops at the dedupe check.
@@ -306,13 +307,17 @@ fn build_sms(
         "Thanks! That works for me.",
         "My card was charged twice for order 4417, can you check?",
     ];
-    // 20 hex digits unique to this run, then the index: 34 characters, as Twilio's.
-    let run = uuid::Uuid::new_v4().simple().to_string();
-    let run = &run[..20];
+    // "SM" and 32 random hex digits, as Twilio's: they fall all over a
+    // store's dedupe index. (Numbered ones, as this used before, arrive in
+    // key order and made that index look cheaper than real traffic does.)
+    let same = format!("SM{}", uuid::Uuid::new_v4().simple());
     let mut out = Vec::with_capacity(count);
     for i in 0..count {
-        let n = if cli.same_sid { 0 } else { i };
-        let sid = format!("SM{run}{n:012x}");
+        let sid = if cli.same_sid {
+            same.clone()
+        } else {
+            format!("SM{}", uuid::Uuid::new_v4().simple())
+        };
         let from = &senders[i % senders.len()];
         let sim = switchboard::adapters::sms::simulate_inbound(
             &ch,
