@@ -48,10 +48,15 @@ const INTERACTIONS: TableDefinition<u64, &[u8]> = TableDefinition::new("interact
 /// rows move to [`MESSAGE_LOG`] when a store is opened.
 const MESSAGES: TableDefinition<(u64, u32), &[u8]> = TableDefinition::new("messages");
 /// Messages keyed in the order they were first written (see
-/// [`wal::MessageKeys`]); a value is `case: u64 LE | index: u32 LE | JSON`.
+/// [`wal::LogKeys`]); a value is `case: u64 LE | index: u32 LE | JSON`.
 const MESSAGE_LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("message_log");
 const CONTACTS: TableDefinition<&str, &[u8]> = TableDefinition::new("contacts");
+/// Claims before this version, keyed by claim. Its rows move to
+/// [`CLAIM_LOG`] when a store is opened.
 const CLAIMS: TableDefinition<&str, &str> = TableDefinition::new("claims");
+/// Claims as (key, value), keyed in the order they were written (see
+/// [`wal::LogKeys`]); the latest row of a key holds its value.
+const CLAIM_LOG: TableDefinition<u64, (&str, &str)> = TableDefinition::new("claim_log");
 const EVENTS: TableDefinition<(u64, u64), &[u8]> = TableDefinition::new("events");
 const OUTBOX: TableDefinition<&str, &[u8]> = TableDefinition::new("outbox");
 const NOTES: TableDefinition<&str, &str> = TableDefinition::new("notes");
@@ -161,6 +166,7 @@ impl EmbeddedStore {
             w.open_table(MESSAGE_LOG)?;
             w.open_table(CONTACTS)?;
             w.open_table(CLAIMS)?;
+            w.open_table(CLAIM_LOG)?;
             w.open_table(EVENTS)?;
             w.open_table(OUTBOX)?;
             w.open_table(NOTES)?;
@@ -179,11 +185,12 @@ impl EmbeddedStore {
         }
         let checkpointed = checkpointed(&db)?;
         migrate_message_keys(&db)?;
+        migrate_claims(&db)?;
         let recovered = wal::recover(&dir.join("wal"), checkpointed)?;
         let mut next_seq = checkpointed + 1;
         if let Some(last) = recovered.last_seq {
             // Only a replay needs the message keys before everything is read.
-            let mut keys = wal::MessageKeys::load(&db)?;
+            let mut keys = wal::LogKeys::load(&db)?;
             let mut pending = wal::Pending::default();
             for ops in recovered.frames {
                 pending.add(ops);
@@ -344,7 +351,7 @@ fn open_db(file: &Path) -> anyhow::Result<Database> {
 /// Interactions stored before messages had a table of their own carry them
 /// inline; they move to the message table once, so that a commit writing
 /// only the changed messages never loses the others.
-fn migrate_inline_messages(db: &Database, keys: &mut wal::MessageKeys) -> anyhow::Result<()> {
+fn migrate_inline_messages(db: &Database, keys: &mut wal::LogKeys) -> anyhow::Result<()> {
     let mut inline = vec![];
     {
         let r = db.begin_read()?;
@@ -417,10 +424,36 @@ fn migrate_message_keys(db: &Database) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Claims stored by key move to the claims log, in one transaction: the
+/// first open after an upgrade does it once.
+fn migrate_claims(db: &Database) -> anyhow::Result<()> {
+    let w = db.begin_write()?;
+    let moved = {
+        let mut old = w.open_table(CLAIMS)?;
+        let mut log = w.open_table(CLAIM_LOG)?;
+        let first = log.last()?.map(|(k, _)| k.value() + 1).unwrap_or(1);
+        let mut moved = 0u64;
+        for row in old.iter()? {
+            let (k, v) = row?;
+            log.insert(first + moved, (k.value(), v.value()))?;
+            moved += 1;
+        }
+        old.retain(|_, _| false)?;
+        moved
+    };
+    if moved == 0 {
+        w.abort()?;
+        return Ok(());
+    }
+    w.commit()?;
+    tracing::info!(claims = moved, "moved the stored claims to the claims log");
+    Ok(())
+}
+
 /// What one pass over redb gives.
 struct Loaded {
     state: State,
-    keys: wal::MessageKeys,
+    keys: wal::LogKeys,
     /// Some interaction still carries its messages inline (stored before
     /// messages had a table of their own).
     inline_messages: bool,
@@ -443,7 +476,7 @@ fn load(db: &Database) -> anyhow::Result<Loaded> {
     }
     // Messages in (case, index) order. Records written before messages had
     // their own table carry them inline; a row replaces or extends those.
-    let mut keys = wal::MessageKeys::default();
+    let mut keys = wal::LogKeys::default();
     let mut messages = vec![];
     for row in r.open_table(MESSAGE_LOG)?.iter()? {
         let (k, v) = row?;
@@ -474,11 +507,11 @@ fn load(db: &Database) -> anyhow::Result<Loaded> {
             .insert(c.id.clone(), k.value().to_string());
         state.contacts.insert(k.value().to_string(), c);
     }
-    for row in r.open_table(CLAIMS)?.iter()? {
+    for row in r.open_table(CLAIM_LOG)?.iter()? {
         let (k, v) = row?;
-        state
-            .claims
-            .insert(k.value().to_string(), v.value().to_string());
+        keys.found_claim(k.value());
+        let (claim, value) = v.value();
+        state.claims.insert(claim.to_string(), value.to_string());
     }
     for row in r.open_table(EVENTS)?.iter()? {
         let (k, v) = row?;
@@ -853,6 +886,11 @@ impl Store for EmbeddedStore {
             }
             // Apply.
             for claim in commit.claims.drain(..).chain(commit.index.drain(..)) {
+                // An index entry that already says this (a contact's
+                // alias, written with every message) needs no new row.
+                if st.claims.get(&claim.key) == Some(&claim.value) {
+                    continue;
+                }
                 ops.push(Op::Claim(claim.key.clone(), claim.value.clone()));
                 st.claims.insert(claim.key, claim.value);
             }
@@ -1447,6 +1485,129 @@ mod tests {
         let i = store.interaction(1001).await.unwrap().unwrap();
         assert_eq!(texts(&i), ["first, edited", "second", "third"]);
         assert_eq!(message_rows(&store.db), (0, 3));
+    }
+
+    /// The claims log as (key, claim, value), in key order.
+    fn claim_rows(db: &Database) -> Vec<(u64, String, String)> {
+        let r = db.begin_read().unwrap();
+        let rows = r.open_table(CLAIM_LOG).unwrap();
+        rows.iter()
+            .unwrap()
+            .map(|row| {
+                let (k, v) = row.unwrap();
+                let (claim, value) = v.value();
+                (k.value(), claim.to_string(), value.to_string())
+            })
+            .collect()
+    }
+
+    fn index(key: &str, value: &str) -> Commit {
+        Commit {
+            index: vec![Claim {
+                key: key.into(),
+                value: value.into(),
+            }],
+            ..Commit::default()
+        }
+    }
+
+    /// Claims go to the end of the claims log, each later one after the
+    /// earlier ones whatever their keys; an index entry written again with
+    /// the same value adds no row, and a changed one keeps its latest value
+    /// across a restart.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn claims_are_logged_in_the_order_made_and_keep_their_latest_value() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = EmbeddedStore::open(dir.path(), Duration::from_secs(3600)).unwrap();
+        store.commit(claim("msg:sms:SMc")).await.unwrap();
+        store.commit(claim("msg:sms:SMa")).await.unwrap();
+        store.commit(index("alias:x", "c1")).await.unwrap();
+        drop(store);
+        let store = reopen(dir.path()).await;
+        let rows = claim_rows(&store.db);
+        // Written together, they take the next keys in one go.
+        assert_eq!(rows.iter().map(|r| r.0).collect::<Vec<_>>(), [1, 2, 3]);
+        let mut claims: Vec<_> = rows.iter().map(|r| (r.1.as_str(), r.2.as_str())).collect();
+        claims.sort();
+        assert_eq!(
+            claims,
+            [
+                ("alias:x", "c1"),
+                ("msg:sms:SMa", "1001:m"),
+                ("msg:sms:SMc", "1001:m")
+            ]
+        );
+
+        store.commit(index("alias:x", "c1")).await.unwrap();
+        drop(store);
+        let store = reopen(dir.path()).await;
+        assert_eq!(claim_rows(&store.db).len(), 3, "the same value again");
+
+        store.commit(index("alias:x", "c2")).await.unwrap();
+        store.commit(claim("msg:sms:SMb")).await.unwrap();
+        drop(store);
+        let store = reopen(dir.path()).await;
+        let rows = claim_rows(&store.db);
+        assert_eq!(rows.len(), 5);
+        let mut later: Vec<_> = rows[3..]
+            .iter()
+            .map(|r| (r.0, r.1.as_str(), r.2.as_str()))
+            .collect();
+        later.sort();
+        assert_eq!(later, [(4, "alias:x", "c2"), (5, "msg:sms:SMb", "1001:m")]);
+        assert_eq!(
+            store.lookup("alias:x").await.unwrap().as_deref(),
+            Some("c2")
+        );
+        assert!(matches!(
+            store.commit(claim("msg:sms:SMa")).await,
+            Err(StoreError::Duplicate { .. })
+        ));
+    }
+
+    /// Claims stored by key, as the previous version did, move to the
+    /// claims log when the store opens, and still stop a duplicate.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn claims_stored_by_key_move_to_the_claims_log() {
+        let dir = tempfile::tempdir().unwrap();
+        drop(EmbeddedStore::open(dir.path(), Duration::from_secs(3600)).unwrap());
+        let file = dir.path().join("switchboard.redb");
+        let db = loop {
+            match Database::open(&file) {
+                Ok(db) => break db,
+                Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+            }
+        };
+        let w = db.begin_write().unwrap();
+        {
+            let mut old = w.open_table(CLAIMS).unwrap();
+            old.insert("msg:sms:SMold", "1001:m").unwrap();
+            old.insert("alias:y", "c9").unwrap();
+        }
+        w.commit().unwrap();
+        drop(db);
+
+        let store = reopen(dir.path()).await;
+        let r = store.db.begin_read().unwrap();
+        assert_eq!(r.open_table(CLAIMS).unwrap().len().unwrap(), 0);
+        drop(r);
+        assert_eq!(claim_rows(&store.db).len(), 2);
+        assert_eq!(
+            store.lookup("alias:y").await.unwrap().as_deref(),
+            Some("c9")
+        );
+        assert!(matches!(
+            store.commit(claim("msg:sms:SMold")).await,
+            Err(StoreError::Duplicate { .. })
+        ));
+        store.commit(claim("msg:sms:SMnew")).await.unwrap();
+        drop(store);
+        let store = reopen(dir.path()).await;
+        assert_eq!(claim_rows(&store.db).len(), 3);
+        assert_eq!(
+            store.lookup("msg:sms:SMnew").await.unwrap().as_deref(),
+            Some("1001:m")
+        );
     }
 
     /// After a failed log write the mirror may hold a claim that never

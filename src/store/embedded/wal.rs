@@ -23,7 +23,7 @@
 //! in order, every segment numbered after `checkpointed`; replaying is
 //! idempotent because every op sets or removes a whole record.
 
-use super::{CLAIMS, CONTACTS, EVENTS, INTERACTIONS, KV, MESSAGE_LOG, META, NOTES, OUTBOX};
+use super::{CLAIM_LOG, CONTACTS, EVENTS, INTERACTIONS, KV, MESSAGE_LOG, META, NOTES, OUTBOX};
 use parking_lot::Mutex;
 use redb::Database;
 use std::collections::{BTreeMap, HashMap};
@@ -494,57 +494,80 @@ enum Key {
     Kv(String),
 }
 
-/// Where each message is in redb's message log: its key is the order in
-/// which it was first written, so that new messages, whatever conversation
-/// they belong to, go to the end of the table. Keyed by (case, index in the
-/// thread), nearly every new message landed in a different page, which redb
-/// copied and wrote back: half the checkpointer's work at full load.
-pub struct MessageKeys {
-    keys: HashMap<(u64, u32), u64>,
-    next: u64,
+/// Where new rows of redb's two append-only tables go: each message's key
+/// in the message log is the order in which it was first written, so that
+/// new messages, whatever conversation they belong to, go to the end of the
+/// table. Keyed by (case, index in the thread), nearly every new message
+/// landed in a different page, which redb copied and wrote back: half the
+/// checkpointer's work at full load. The claims log is keyed the same way:
+/// a claim's key (`msg:{channel}:{MessageSid}`) is as random as a
+/// provider's message ID, and a table keyed by it took each new claim to a
+/// different page.
+pub struct LogKeys {
+    messages: HashMap<(u64, u32), u64>,
+    next_message: u64,
+    next_claim: u64,
 }
 
-impl Default for MessageKeys {
-    fn default() -> MessageKeys {
-        MessageKeys {
-            keys: HashMap::new(),
-            next: 1,
+impl Default for LogKeys {
+    fn default() -> LogKeys {
+        LogKeys {
+            messages: HashMap::new(),
+            next_message: 1,
+            next_claim: 1,
         }
     }
 }
 
-impl MessageKeys {
-    /// The keys of the messages redb holds.
-    pub fn load(db: &Database) -> anyhow::Result<MessageKeys> {
+impl LogKeys {
+    /// The keys of the rows redb holds.
+    pub fn load(db: &Database) -> anyhow::Result<LogKeys> {
         use redb::{ReadableDatabase, ReadableTable};
-        let mut keys = MessageKeys::default();
+        let mut keys = LogKeys::default();
         let r = db.begin_read()?;
         for row in r.open_table(MESSAGE_LOG)?.iter()? {
             let (k, v) = row?;
             let (case, index, _) = split_message_value(v.value())?;
             keys.found(k.value(), case, index);
         }
+        if let Some((k, _)) = r.open_table(CLAIM_LOG)?.last()? {
+            keys.found_claim(k.value());
+        }
         Ok(keys)
     }
 
     /// Notes a row of the message log, read in key order.
     pub fn found(&mut self, key: u64, case: u64, index: u32) {
-        self.keys.insert((case, index), key);
-        self.next = key + 1;
+        self.messages.insert((case, index), key);
+        self.next_message = key + 1;
+    }
+
+    /// Notes a row of the claims log, read in key order.
+    pub fn found_claim(&mut self, key: u64) {
+        self.next_claim = key + 1;
     }
 
     pub fn contains(&self, case: u64, index: u32) -> bool {
-        self.keys.contains_key(&(case, index))
+        self.messages.contains_key(&(case, index))
     }
 
     /// The message's key, a new one for a message not stored yet.
-    fn key(&mut self, case: u64, index: u32) -> u64 {
-        let next = &mut self.next;
-        *self.keys.entry((case, index)).or_insert_with(|| {
+    fn message(&mut self, case: u64, index: u32) -> u64 {
+        let next = &mut self.next_message;
+        *self.messages.entry((case, index)).or_insert_with(|| {
             let key = *next;
             *next += 1;
             key
         })
+    }
+
+    /// The key of a claim written now: after every claim written before.
+    /// Loading reads the log in key order, so the latest value of a claim
+    /// wins.
+    pub fn claim(&mut self) -> u64 {
+        let key = self.next_claim;
+        self.next_claim += 1;
+        key
     }
 }
 
@@ -596,7 +619,7 @@ impl Pending {
     pub fn flush(
         &mut self,
         db: &Database,
-        keys: &mut MessageKeys,
+        keys: &mut LogKeys,
         through: Option<u64>,
     ) -> anyhow::Result<()> {
         let mut w = db.begin_write()?;
@@ -607,7 +630,7 @@ impl Pending {
             let mut interactions = w.open_table(INTERACTIONS)?;
             let mut messages = w.open_table(MESSAGE_LOG)?;
             let mut contacts = w.open_table(CONTACTS)?;
-            let mut claims = w.open_table(CLAIMS)?;
+            let mut claims = w.open_table(CLAIM_LOG)?;
             let mut events = w.open_table(EVENTS)?;
             let mut outbox = w.open_table(OUTBOX)?;
             let mut notes = w.open_table(NOTES)?;
@@ -621,13 +644,13 @@ impl Pending {
                     }
                     (Key::Message(k, i), Some(v)) => {
                         let row = message_value(*k, *i, v);
-                        messages.insert(keys.key(*k, *i), row.as_slice())?;
+                        messages.insert(keys.message(*k, *i), row.as_slice())?;
                     }
                     (Key::Contact(k), Some(v)) => {
                         contacts.insert(k.as_str(), v.as_slice())?;
                     }
                     (Key::Claim(k), Some(v)) => {
-                        claims.insert(k.as_str(), text(v)?.as_str())?;
+                        claims.insert(keys.claim(), (k.as_str(), std::str::from_utf8(v)?))?;
                     }
                     (Key::Event(k), Some(v)) => {
                         events.insert(*k, v.as_slice())?;
@@ -689,7 +712,7 @@ const MAX_CHUNK_KEYS: usize = 8 * CHUNK_KEYS;
 /// the writer lets go of its end of the channel.
 pub fn checkpointer(
     db: Arc<Database>,
-    mut message_keys: MessageKeys,
+    mut keys: LogKeys,
     db_file: PathBuf,
     rx: std::sync::mpsc::Receiver<ToCheckpointer>,
     slots: Slots,
@@ -721,7 +744,7 @@ pub fn checkpointer(
                     || (changed >= CHUNK_KEYS && last_step.elapsed() >= STEP_EVERY)
                 {
                     last_step = Instant::now();
-                    match pending.flush(&db, &mut message_keys, None) {
+                    match pending.flush(&db, &mut keys, None) {
                         Ok(()) => start_writeback(writeback.as_ref()),
                         Err(e) => tracing::error!(error = %e, "checkpoint step failed"),
                     }
@@ -730,7 +753,7 @@ pub fn checkpointer(
             ToCheckpointer::SegmentEnd(closed) => {
                 folded += 1;
                 waiting.push(closed.slot);
-                match pending.flush(&db, &mut message_keys, Some(closed.seq)) {
+                match pending.flush(&db, &mut keys, Some(closed.seq)) {
                     Ok(()) => {
                         for slot in waiting.drain(..) {
                             slots.give_back(slot);
@@ -943,9 +966,10 @@ mod tests {
         {
             let w = db.begin_write().unwrap();
             w.open_table(super::super::MESSAGE_LOG).unwrap();
+            w.open_table(super::super::CLAIM_LOG).unwrap();
             w.commit().unwrap();
         }
-        let keys = MessageKeys::load(&db).unwrap();
+        let keys = LogKeys::load(&db).unwrap();
         let slots = Wal::open(&dir.path().join("wal"), vec![], 1)
             .unwrap()
             .free_slots();
