@@ -74,6 +74,14 @@ const FIRST_CASE_NUMBER: u64 = 1001;
 const REDB_CACHE_BYTES: usize = 64 << 20;
 /// The blob file's page cache: a file is written once and read seldom.
 const BLOB_CACHE_BYTES: usize = 4 << 20;
+/// The feed's newest events the store keeps in memory (with any not yet in
+/// redb); a reader further behind reads the older ones from redb. Kept
+/// all in memory, a week of events took about as much memory as the
+/// messages themselves (each carries its message as JSON).
+#[cfg(not(test))]
+const EVENTS_IN_MEMORY: usize = 65_536;
+#[cfg(test)]
+const EVENTS_IN_MEMORY: usize = 16;
 /// A log segment is closed and folded into redb once it is this old.
 const CHECKPOINT_EVERY: Duration = Duration::from_secs(1);
 
@@ -94,6 +102,7 @@ struct State {
     contacts: mirror::Sharded<String, Contact>,
     contact_keys: mirror::Sharded<String, String>,
     claims: mirror::Sharded<String, String>,
+    /// The feed's newest events (see [`EVENTS_IN_MEMORY`]).
     events: mirror::Ring<Event>,
     last_event: (u64, u64),
     outbox: BTreeMap<String, OutboxJob>,
@@ -142,6 +151,8 @@ pub struct EmbeddedStore {
     durability: Arc<durability::Durability>,
     events: broadcast::Sender<Event>,
     retention: chrono::Duration,
+    /// Every event up to this ID is in redb ([`wal::Feed`]).
+    folded: Arc<Mutex<(u64, u64)>>,
 }
 
 fn unavailable(e: impl std::fmt::Display) -> StoreError {
@@ -217,9 +228,15 @@ impl EmbeddedStore {
         let (ck_tx, ck_rx) = std::sync::mpsc::channel();
         let ck_db = db.clone();
         let ck_free = log.free_slots();
+        // Everything loaded is in redb.
+        let folded = Arc::new(Mutex::new(state.last_event));
+        let feed = wal::Feed {
+            folded: folded.clone(),
+            retention,
+        };
         std::thread::Builder::new()
             .name("embedded-checkpoint".into())
-            .spawn(move || wal::checkpointer(ck_db, keys, db_file, ck_rx, ck_free))?;
+            .spawn(move || wal::checkpointer(ck_db, keys, db_file, ck_rx, ck_free, feed))?;
         let writer_db = db.clone();
         let writer_events = events.clone();
         let broken = Arc::new(AtomicBool::new(false));
@@ -250,6 +267,7 @@ impl EmbeddedStore {
             durability,
             events,
             retention: chrono::Duration::from_std(retention)?,
+            folded,
         }))
     }
 
@@ -513,10 +531,15 @@ fn load(db: &Database) -> anyhow::Result<Loaded> {
         let (claim, value) = v.value();
         state.claims.insert(claim.to_string(), value.to_string());
     }
-    for row in r.open_table(EVENTS)?.iter()? {
+    // Only the newest events: a reader further behind reads redb.
+    let mut newest = vec![];
+    for row in r.open_table(EVENTS)?.iter()?.rev().take(EVENTS_IN_MEMORY) {
         let (k, v) = row?;
-        state.last_event = k.value();
-        state.keep_event(serde_json::from_slice(v.value())?);
+        state.last_event = state.last_event.max(k.value());
+        newest.push(serde_json::from_slice(v.value())?);
+    }
+    for e in newest.into_iter().rev() {
+        state.keep_event(e);
     }
     for row in r.open_table(OUTBOX)?.iter()? {
         let (k, v) = row?;
@@ -937,13 +960,22 @@ impl Store for EmbeddedStore {
                 st.keep_event(event);
                 stored_events.push(st.events.back().expect("just kept").clone());
             }
-            // Retention: drop events older than the window, a few at a time.
+            // Memory keeps the newest events and those not yet in redb
+            // (the checkpointer removes expired ones from redb), a few at
+            // a time.
             let horizon = Utc::now() - self.retention;
-            while st.events.front().is_some_and(|e| e.at < horizon) && ops.len() < 4096 {
-                let e = st.events.pop_front().expect("checked");
-                if let Some(id) = parse_event_id(&e.id) {
-                    ops.push(Op::DropEvent(id));
+            let folded = *self.folded.lock();
+            for _ in 0..64 {
+                let Some(front) = st.events.front() else {
+                    break;
+                };
+                let expired = front.at < horizon;
+                let spare = st.events.len() > EVENTS_IN_MEMORY
+                    && parse_event_id(&front.id).is_some_and(|id| id <= folded);
+                if !(expired || spare) {
+                    break;
                 }
+                st.events.pop_front();
             }
             // Events go to subscribers after the write; with none listening
             // (no agent connected, no sink), there is nothing to copy.
@@ -1074,14 +1106,55 @@ impl Store for EmbeddedStore {
 
     async fn events_after(&self, after: Option<&str>, limit: usize) -> StoreResult<Vec<Event>> {
         let after = after.and_then(parse_event_id);
-        let st = self.state.lock();
-        let start = match after {
-            None => 0,
-            Some(a) => st
-                .events
-                .partition_point(|e| parse_event_id(&e.id).is_some_and(|id| id <= a)),
+        let (first_kept, kept) = {
+            let st = self.state.lock();
+            let start = match after {
+                None => 0,
+                Some(a) => st
+                    .events
+                    .partition_point(|e| parse_event_id(&e.id).is_some_and(|id| id <= a)),
+            };
+            let first_kept = st.events.front().and_then(|e| parse_event_id(&e.id));
+            let kept: Vec<Event> = st.events.iter_from(start).take(limit).cloned().collect();
+            (first_kept, kept)
         };
-        Ok(st.events.iter_from(start).take(limit).cloned().collect())
+        // Whether events before the ones in memory may follow `after`:
+        // those are in redb (memory lets go only of events folded there).
+        let older = match (after, first_kept) {
+            (Some(a), Some(first)) => a < first,
+            (None, Some(_)) | (_, None) => true,
+        };
+        if !older || limit == 0 {
+            return Ok(kept);
+        }
+        let db = self.db.clone();
+        let horizon = (Utc::now() - self.retention).timestamp_millis().max(0) as u64;
+        let mut out = tokio::task::spawn_blocking(move || -> anyhow::Result<Vec<Event>> {
+            use std::ops::Bound::{Excluded, Unbounded};
+            let r = db.begin_read()?;
+            let table = r.open_table(EVENTS)?;
+            let from: std::ops::Bound<(u64, u64)> = after.map_or(Unbounded, Excluded);
+            let to = first_kept.map_or(Unbounded, Excluded);
+            let mut out = vec![];
+            for row in table.range((from, to))? {
+                let (k, v) = row?;
+                // Expired, and not yet removed.
+                if k.value().0 < horizon {
+                    continue;
+                }
+                out.push(serde_json::from_slice(v.value())?);
+                if out.len() == limit {
+                    break;
+                }
+            }
+            Ok(out)
+        })
+        .await
+        .map_err(unavailable)?
+        .map_err(unavailable)?;
+        let room = limit - out.len();
+        out.extend(kept.into_iter().take(room));
+        Ok(out)
     }
 
     fn subscribe(&self) -> broadcast::Receiver<Event> {
@@ -1843,5 +1916,119 @@ mod tests {
         drop(store);
         let store = reopen(dir.path()).await;
         check(&store.events_after(None, 10).await.unwrap());
+    }
+
+    fn note_event(n: usize) -> Commit {
+        Commit {
+            events: vec![case_1001().event("note", Utc::now(), &serde_json::json!({"n": n}))],
+            ..Commit::default()
+        }
+    }
+
+    fn event_rows(db: &Database) -> u64 {
+        db.begin_read()
+            .unwrap()
+            .open_table(EVENTS)
+            .unwrap()
+            .len()
+            .unwrap()
+    }
+
+    /// Waits until the checkpointer has put every event so far into redb
+    /// (a segment ends with the first write a second after it began).
+    async fn wait_folded(store: &EmbeddedStore) {
+        let last = store.state.lock().last_event;
+        for _ in 0..200 {
+            if *store.folded.lock() >= last {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        panic!("the checkpointer did not fold the events");
+    }
+
+    /// Memory keeps the feed's newest events; a reader further behind gets
+    /// the older ones from redb, in order, joined to the ones in memory
+    /// without a gap or a repeat, before and after a restart.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_feed_reads_older_events_from_redb_and_memory_keeps_the_newest() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = EmbeddedStore::open(dir.path(), Duration::from_secs(3600)).unwrap();
+        let mut ids = vec![];
+        for n in 0..61 {
+            if n == 60 {
+                tokio::time::sleep(CHECKPOINT_EVERY).await;
+            }
+            let stored = store.commit(note_event(n)).await.unwrap();
+            ids.push(stored[0].id.clone());
+        }
+        wait_folded(&store).await;
+        // Memory lets go of folded events a few at a time, as commits come.
+        for n in 61..70 {
+            let stored = store.commit(note_event(n)).await.unwrap();
+            ids.push(stored[0].id.clone());
+        }
+        let in_memory = store.state.lock().events.len();
+        assert!(
+            in_memory <= EVENTS_IN_MEMORY + 10,
+            "{in_memory} events in memory"
+        );
+        check_feed(&store, &ids).await;
+        drop(store);
+        let store = reopen(dir.path()).await;
+        check_feed(&store, &ids).await;
+    }
+
+    async fn check_feed(store: &EmbeddedStore, ids: &[String]) {
+        let check = |got: Vec<Event>, want: &[String]| {
+            let got: Vec<&str> = got.iter().map(|e| e.id.as_str()).collect();
+            assert_eq!(got, want);
+        };
+        check(store.events_after(None, 1000).await.unwrap(), ids);
+        check(store.events_after(None, 3).await.unwrap(), &ids[..3]);
+        check(
+            store.events_after(Some(&ids[9]), 5).await.unwrap(),
+            &ids[10..15],
+        );
+        // Across the border between redb and memory.
+        check(
+            store.events_after(Some(&ids[40]), 1000).await.unwrap(),
+            &ids[41..],
+        );
+        check(
+            store.events_after(Some(&ids[65]), 1000).await.unwrap(),
+            &ids[66..],
+        );
+        check(store.events_after(Some(&ids[69]), 10).await.unwrap(), &[]);
+        let data = store.events_after(Some(&ids[4]), 1).await.unwrap();
+        assert_eq!(data[0].data.get(), r#"{"n":5}"#);
+        let in_memory = store.state.lock().events.len();
+        assert!(in_memory <= EVENTS_IN_MEMORY + 10, "{in_memory} in memory");
+    }
+
+    /// Events older than the retention leave memory and redb: a segment's
+    /// end removes them from redb, and the feed no longer shows them.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn expired_events_leave_redb_at_a_segments_end() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = EmbeddedStore::open(dir.path(), Duration::from_secs(2)).unwrap();
+        for n in 0..5 {
+            store.commit(note_event(n)).await.unwrap();
+        }
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+        // This write ends the segment: everything goes to redb, nothing
+        // has expired yet.
+        let mut kept = store.commit(note_event(5)).await.unwrap();
+        wait_folded(&store).await;
+        assert_eq!(event_rows(&store.db), 6);
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+        // The first five are now older than two seconds.
+        kept.extend(store.commit(note_event(6)).await.unwrap());
+        wait_folded(&store).await;
+        assert_eq!(event_rows(&store.db), 2);
+        assert_eq!(store.events_after(None, 100).await.unwrap(), kept);
+        drop(store);
+        let store = reopen(dir.path()).await;
+        assert_eq!(store.events_after(None, 100).await.unwrap(), kept);
     }
 }

@@ -51,6 +51,8 @@ pub enum Op {
     Contact(String, Vec<u8>),
     Claim(String, String),
     Event((u64, u64), Vec<u8>),
+    /// Written by earlier versions, which expired the feed's events one by
+    /// one through the log; the checkpointer now removes expired ones.
     DropEvent((u64, u64)),
     Outbox(String, Vec<u8>),
     DropOutbox(String),
@@ -590,11 +592,30 @@ pub fn split_message_value(v: &[u8]) -> anyhow::Result<(u64, u32, &[u8])> {
 /// The latest value of every key changed since the last checkpoint
 /// (`None`: removed).
 #[derive(Default)]
-pub struct Pending(BTreeMap<Key, Option<Vec<u8>>>);
+pub struct Pending {
+    changes: BTreeMap<Key, Option<Vec<u8>>>,
+    /// The newest event among them.
+    last_event: Option<(u64, u64)>,
+    /// Events older than this go at the next flush (the feed's retention).
+    expire_before: Option<(u64, u64)>,
+}
 
 impl Pending {
+    /// The newest event pending.
+    pub fn last_event(&self) -> Option<(u64, u64)> {
+        self.last_event
+    }
+
+    /// Has the next flush remove every event before `id`.
+    pub fn expire_events_before(&mut self, id: (u64, u64)) {
+        self.expire_before = Some(id);
+    }
+
     pub fn add(&mut self, ops: Vec<Op>) {
         for op in ops {
+            if let Op::Event(id, _) = &op {
+                self.last_event = self.last_event.max(Some(*id));
+            }
             let (k, v) = match op {
                 Op::Interaction(k, v) => (Key::Interaction(k), Some(v)),
                 Op::Message(k, i, v) => (Key::Message(k, i), Some(v)),
@@ -607,7 +628,7 @@ impl Pending {
                 Op::Note(k, v) => (Key::Note(k), Some(v.into_bytes())),
                 Op::Kv(k, v) => (Key::Kv(k), Some(v.into_bytes())),
             };
-            self.0.insert(k, v);
+            self.changes.insert(k, v);
         }
     }
 
@@ -637,7 +658,10 @@ impl Pending {
             let mut kv = w.open_table(KV)?;
             let mut meta = w.open_table(META)?;
             let text = |v: &[u8]| std::str::from_utf8(v).map(str::to_owned);
-            for (k, v) in &self.0 {
+            if let Some(before) = self.expire_before {
+                events.retain_in(..before, |_, _| false)?;
+            }
+            for (k, v) in &self.changes {
                 match (k, v) {
                     (Key::Interaction(k), Some(v)) => {
                         interactions.insert(*k, v.as_slice())?;
@@ -678,7 +702,9 @@ impl Pending {
             }
         }
         w.commit()?;
-        self.0.clear();
+        self.changes.clear();
+        self.last_event = None;
+        self.expire_before = None;
         Ok(())
     }
 }
@@ -708,6 +734,34 @@ const CHUNK_KEYS: usize = 128;
 const STEP_EVERY: std::time::Duration = std::time::Duration::from_millis(25);
 const MAX_CHUNK_KEYS: usize = 8 * CHUNK_KEYS;
 
+/// The feed's events between the checkpointer and the store: the store
+/// keeps in memory only the newest events and those not yet in redb.
+#[derive(Clone)]
+pub struct Feed {
+    /// Every event up to this ID is in redb (a read transaction sees it).
+    pub folded: Arc<Mutex<(u64, u64)>>,
+    /// Events older than this leave redb at a segment's end.
+    pub retention: std::time::Duration,
+}
+
+impl Feed {
+    fn folded_through(&self, last: Option<(u64, u64)>) {
+        if let Some(last) = last {
+            let mut folded = self.folded.lock();
+            *folded = (*folded).max(last);
+        }
+    }
+
+    /// The ID before which events have expired.
+    fn horizon(&self) -> (u64, u64) {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        let ms = now.saturating_sub(self.retention).as_millis();
+        (u64::try_from(ms).unwrap_or(u64::MAX), 0)
+    }
+}
+
 /// Folds closed segments into redb and hands their slots back. Runs until
 /// the writer lets go of its end of the channel.
 pub fn checkpointer(
@@ -716,6 +770,7 @@ pub fn checkpointer(
     db_file: PathBuf,
     rx: std::sync::mpsc::Receiver<ToCheckpointer>,
     slots: Slots,
+    feed: Feed,
 ) {
     let mut priority = Priority::new();
     // Nothing is behind yet: low from the start, not from the first bundle.
@@ -739,13 +794,17 @@ pub fn checkpointer(
             ToCheckpointer::Closing => {}
             ToCheckpointer::Ops(ops) => {
                 pending.add(ops);
-                let changed = pending.0.len();
+                let changed = pending.changes.len();
                 if changed >= MAX_CHUNK_KEYS
                     || (changed >= CHUNK_KEYS && last_step.elapsed() >= STEP_EVERY)
                 {
                     last_step = Instant::now();
+                    let last = pending.last_event();
                     match pending.flush(&db, &mut keys, None) {
-                        Ok(()) => start_writeback(writeback.as_ref()),
+                        Ok(()) => {
+                            feed.folded_through(last);
+                            start_writeback(writeback.as_ref());
+                        }
                         Err(e) => tracing::error!(error = %e, "checkpoint step failed"),
                     }
                 }
@@ -753,8 +812,11 @@ pub fn checkpointer(
             ToCheckpointer::SegmentEnd(closed) => {
                 folded += 1;
                 waiting.push(closed.slot);
+                let last = pending.last_event();
+                pending.expire_events_before(feed.horizon());
                 match pending.flush(&db, &mut keys, Some(closed.seq)) {
                     Ok(()) => {
+                        feed.folded_through(last);
                         for slot in waiting.drain(..) {
                             slots.give_back(slot);
                         }
@@ -976,7 +1038,13 @@ mod tests {
         let (tx, rx) = std::sync::mpsc::channel();
         let thread = std::thread::Builder::new()
             .name("ck-closing-test".into())
-            .spawn(move || checkpointer(db, keys, db_file, rx, slots))
+            .spawn(move || {
+                let feed = Feed {
+                    folded: Arc::default(),
+                    retention: std::time::Duration::from_secs(3600),
+                };
+                checkpointer(db, keys, db_file, rx, slots, feed)
+            })
             .unwrap();
         let policy_of_thread = || {
             threads_named("ck-closing-test")
