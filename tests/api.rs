@@ -897,6 +897,24 @@ async fn attachments_are_sent_as_expiring_links(b: Backend) {
         .send()
         .await
         .unwrap();
+    let header = |name: &str| {
+        r.headers()
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
+    };
+    assert_eq!(
+        (
+            header("cache-control"),
+            header("x-content-type-options"),
+            header("content-security-policy")
+        ),
+        (
+            Some("private, no-store".into()),
+            Some("nosniff".into()),
+            Some("default-src 'none'; sandbox".into())
+        )
+    );
     assert_eq!(r.bytes().await.unwrap().to_vec(), png);
     let r = app
         .http

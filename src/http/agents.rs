@@ -568,6 +568,9 @@ async fn sms_preview(Caller(_): Caller, body: web::Bytes) -> ApiResult<HttpRespo
     Ok(HttpResponse::Ok().json(crate::adapters::sms::segments::analyze(&text)))
 }
 
+/// A stored file as its download, for agents and web chat visitors alike:
+/// shown inline under a name made safe for the header, kept by no shared
+/// cache, and never sniffed or run as a page.
 pub(super) fn file_response(bytes: Vec<u8>, content_type: &str, filename: &str) -> HttpResponse {
     let safe: String = filename
         .chars()
@@ -585,6 +588,8 @@ pub(super) fn file_response(bytes: Vec<u8>, content_type: &str, filename: &str) 
             "Content-Disposition",
             format!("inline; filename=\"{safe}\""),
         ))
+        // A customer's file: never kept by a shared cache.
+        .insert_header(("Cache-Control", "private, no-store"))
         .insert_header(("X-Content-Type-Options", "nosniff"))
         .insert_header(("Content-Security-Policy", "default-src 'none'; sandbox"))
         .body(bytes)

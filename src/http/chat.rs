@@ -620,29 +620,6 @@ async fn upload_inner(
     })))
 }
 
-fn file_response(bytes: Vec<u8>, content_type: &str, filename: &str) -> HttpResponse {
-    let safe: String = filename
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || ".-_ ".contains(c) {
-                c
-            } else {
-                '_'
-            }
-        })
-        .collect();
-    HttpResponse::Ok()
-        .content_type(content_type.to_string())
-        .insert_header((
-            "Content-Disposition",
-            format!("inline; filename=\"{safe}\""),
-        ))
-        .insert_header(("Cache-Control", "private, no-store"))
-        .insert_header(("X-Content-Type-Options", "nosniff"))
-        .insert_header(("Content-Security-Policy", "default-src 'none'; sandbox"))
-        .body(bytes)
-}
-
 /// `GET /chat/{channel_id}/attachments/{id}`: one of the session's uploads,
 /// or an attachment of a message in its timeline. (`?internal=` is the
 /// gateway fetching an upload from itself to attach it to a message.)
@@ -668,13 +645,21 @@ async fn download(
                 .await?
                 .ok_or_else(not_found)?;
             let bytes = g.store.blob(&up.id).await?.ok_or_else(not_found)?;
-            return Ok(file_response(bytes, &up.content_type, &up.filename));
+            return Ok(super::agents::file_response(
+                bytes,
+                &up.content_type,
+                &up.filename,
+            ));
         }
         let session = session_of(&state, &cx, &req).await?;
         let f = visitor::file_for(g, &session, &id)
             .await?
             .ok_or_else(not_found)?;
-        Ok(file_response(f.bytes, &f.content_type, &f.filename))
+        Ok(super::agents::file_response(
+            f.bytes,
+            &f.content_type,
+            &f.filename,
+        ))
     }
     .await;
     finish(&cx, r)
