@@ -430,16 +430,7 @@ fn migrate_message_keys(db: &Database) -> anyhow::Result<()> {
         old.retain(|_, _| false)?;
         moved
     };
-    if moved == 0 {
-        w.abort()?;
-        return Ok(());
-    }
-    w.commit()?;
-    tracing::info!(
-        messages = moved,
-        "moved the stored messages to the message log"
-    );
-    Ok(())
+    finish_move(w, moved, "messages", "the message log")
 }
 
 /// Claims stored by key move to the claims log, in one transaction: the
@@ -459,12 +450,18 @@ fn migrate_claims(db: &Database) -> anyhow::Result<()> {
         old.retain(|_, _| false)?;
         moved
     };
+    finish_move(w, moved, "claims", "the claims log")
+}
+
+/// Ends a move of rows to a log: commits it if it moved any (and says so),
+/// leaves the file untouched if not.
+fn finish_move(w: redb::WriteTransaction, moved: u64, what: &str, to: &str) -> anyhow::Result<()> {
     if moved == 0 {
         w.abort()?;
         return Ok(());
     }
     w.commit()?;
-    tracing::info!(claims = moved, "moved the stored claims to the claims log");
+    tracing::info!(rows = moved, "moved the stored {what} to {to}");
     Ok(())
 }
 
@@ -1363,6 +1360,18 @@ mod tests {
         assert_eq!(store.next_case_number().await.unwrap(), 1002);
     }
 
+    /// The redb file of a dropped store, once its threads let go of it.
+    async fn open_closed(dir: &Path) -> Database {
+        let file = dir.join("switchboard.redb");
+        for _ in 0..100 {
+            if let Ok(db) = Database::open(&file) {
+                return db;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("the store did not let go of its file");
+    }
+
     async fn reopen(dir: &Path) -> Arc<EmbeddedStore> {
         // The writer thread lets go of the file shortly after a drop.
         for _ in 0..100 {
@@ -1523,13 +1532,7 @@ mod tests {
         drop(store);
 
         // Put the rows back where the previous version kept them.
-        let file = dir.path().join("switchboard.redb");
-        let db = loop {
-            match Database::open(&file) {
-                Ok(db) => break db,
-                Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
-            }
-        };
+        let db = open_closed(dir.path()).await;
         let w = db.begin_write().unwrap();
         {
             let mut log = w.open_table(MESSAGE_LOG).unwrap();
@@ -1644,13 +1647,7 @@ mod tests {
     async fn claims_stored_by_key_move_to_the_claims_log() {
         let dir = tempfile::tempdir().unwrap();
         drop(EmbeddedStore::open(dir.path(), Duration::from_secs(3600)).unwrap());
-        let file = dir.path().join("switchboard.redb");
-        let db = loop {
-            match Database::open(&file) {
-                Ok(db) => break db,
-                Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
-            }
-        };
+        let db = open_closed(dir.path()).await;
         let w = db.begin_write().unwrap();
         {
             let mut old = w.open_table(CLAIMS).unwrap();
