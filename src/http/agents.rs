@@ -568,33 +568,6 @@ async fn sms_preview(Caller(_): Caller, body: web::Bytes) -> ApiResult<HttpRespo
     Ok(HttpResponse::Ok().json(crate::adapters::sms::segments::analyze(&text)))
 }
 
-/// A stored file as its download, for agents and web chat visitors alike:
-/// shown inline under a name made safe for the header, kept by no shared
-/// cache, and never sniffed or run as a page.
-pub(super) fn file_response(bytes: Vec<u8>, content_type: &str, filename: &str) -> HttpResponse {
-    let safe: String = filename
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || ".-_ ".contains(c) {
-                c
-            } else {
-                '_'
-            }
-        })
-        .collect();
-    HttpResponse::Ok()
-        .content_type(content_type.to_string())
-        .insert_header((
-            "Content-Disposition",
-            format!("inline; filename=\"{safe}\""),
-        ))
-        // A customer's file: never kept by a shared cache.
-        .insert_header(("Cache-Control", "private, no-store"))
-        .insert_header(("X-Content-Type-Options", "nosniff"))
-        .insert_header(("Content-Security-Policy", "default-src 'none'; sandbox"))
-        .body(bytes)
-}
-
 async fn attachment(
     state: web::Data<State>,
     Caller(actor): Caller,
@@ -622,7 +595,11 @@ async fn attachment(
             att.state
         ))
     })?;
-    Ok(file_response(bytes, &att.content_type, &att.filename))
+    Ok(super::file_response(
+        bytes,
+        &att.content_type,
+        &att.filename,
+    ))
 }
 
 async fn retry_attachment(
@@ -663,7 +640,11 @@ pub async fn public_media(
         .blob(&att.id)
         .await?
         .ok_or_else(|| ApiError::not_found("this link is not valid or has expired"))?;
-    Ok(file_response(bytes, &att.content_type, &att.filename))
+    Ok(super::file_response(
+        bytes,
+        &att.content_type,
+        &att.filename,
+    ))
 }
 
 async fn sign_in(state: web::Data<State>, body: web::Bytes) -> ApiResult<HttpResponse> {

@@ -645,21 +645,13 @@ async fn download(
                 .await?
                 .ok_or_else(not_found)?;
             let bytes = g.store.blob(&up.id).await?.ok_or_else(not_found)?;
-            return Ok(super::agents::file_response(
-                bytes,
-                &up.content_type,
-                &up.filename,
-            ));
+            return Ok(super::file_response(bytes, &up.content_type, &up.filename));
         }
         let session = session_of(&state, &cx, &req).await?;
         let f = visitor::file_for(g, &session, &id)
             .await?
             .ok_or_else(not_found)?;
-        Ok(super::agents::file_response(
-            f.bytes,
-            &f.content_type,
-            &f.filename,
-        ))
+        Ok(super::file_response(f.bytes, &f.content_type, &f.filename))
     }
     .await;
     finish(&cx, r)

@@ -103,3 +103,30 @@ pub async fn no_route(req: actix_web::HttpRequest) -> actix_web::HttpResponse {
     problem::ApiError::not_found(format!("no route for {} {}", req.method(), req.path()))
         .error_response()
 }
+
+/// A stored file as its download, for agents, operators and web chat
+/// visitors alike: shown inline under a name made safe for the header, kept
+/// by no shared cache, and never sniffed or run as a page.
+fn file_response(bytes: Vec<u8>, content_type: &str, filename: &str) -> actix_web::HttpResponse {
+    let safe: String = filename
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || ".-_ ".contains(c) {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    actix_web::HttpResponse::Ok()
+        .content_type(content_type.to_string())
+        .insert_header((
+            "Content-Disposition",
+            format!("inline; filename=\"{safe}\""),
+        ))
+        // A customer's file: never kept by a shared cache.
+        .insert_header(("Cache-Control", "private, no-store"))
+        .insert_header(("X-Content-Type-Options", "nosniff"))
+        .insert_header(("Content-Security-Policy", "default-src 'none'; sandbox"))
+        .body(bytes)
+}

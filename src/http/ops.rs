@@ -301,7 +301,7 @@ pub async fn quarantined_message(
         return Err(missing());
     }
     let bytes = state.gateway.store.blob(&blob).await?.ok_or_else(missing)?;
-    Ok(super::agents::file_response(
+    Ok(super::file_response(
         bytes,
         "message/rfc822",
         &format!("{blob}.eml"),

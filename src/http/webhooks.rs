@@ -25,7 +25,7 @@ pub fn configure(cfg: &mut web::ServiceConfig, channel_ids: &[&str]) {
         }
     }
     cfg.service(
-        web::resource("/webhooks/{channel_id}")
+        web::resource(format!("{PREFIX}{{channel_id}}"))
             .route(web::get().to(handshake))
             .route(web::post().to(webhook)),
     )
@@ -111,8 +111,8 @@ async fn webhook(
     payload: web::Payload,
 ) -> ApiResult<HttpResponse> {
     let gateway = &state.gateway;
-    let path = channel_id(&req);
-    let ch = gateway.channel(path)?;
+    let id = channel_id(&req);
+    let ch = gateway.channel(id)?;
     let content_type = req
         .headers()
         .get("content-type")
@@ -146,8 +146,8 @@ async fn webhook(
         content_type: &content_type,
         body: &body,
     };
-    let outcome = gateway.ingest(path, &raw).await?;
-    tracing::debug!(channel = %path, stored = outcome.stored, duplicates = outcome.duplicates, "webhook stored");
+    let outcome = gateway.ingest(id, &raw).await?;
+    tracing::debug!(channel = %id, stored = outcome.stored, duplicates = outcome.duplicates, "webhook stored");
     Ok(HttpResponse::build(
         actix_web::http::StatusCode::from_u16(outcome.ack.status)
             .unwrap_or(actix_web::http::StatusCode::OK),

@@ -961,14 +961,14 @@ impl Store for EmbeddedStore {
             // (the checkpointer removes expired ones from redb), a few at
             // a time.
             let horizon = Utc::now() - self.retention;
-            let folded = *self.folded.lock();
+            let folded = (st.events.len() > EVENTS_IN_MEMORY).then(|| *self.folded.lock());
             for _ in 0..64 {
                 let Some(front) = st.events.front() else {
                     break;
                 };
                 let expired = front.at < horizon;
                 let spare = st.events.len() > EVENTS_IN_MEMORY
-                    && parse_event_id(&front.id).is_some_and(|id| id <= folded);
+                    && parse_event_id(&front.id).is_some_and(|id| Some(id) <= folded);
                 if !(expired || spare) {
                     break;
                 }
